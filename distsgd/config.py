@@ -1,0 +1,215 @@
+"""Configuration schemas: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra checks keys and types against these schemas when it composes the config, so a misspelled
+key or a wrong type fails before anything runs. Value checks that types cannot express (a positive
+learning rate, a known schedule name, ...) live in each schema's ``__post_init__`` and run when
+``to_config`` turns the composed DictConfig into these dataclasses.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's configuration or inputs: reported as one line, no traceback."""
+
+
+def _check(ok: bool, key: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, "one of " + "|".join(choices), value)
+
+
+def _check_positive(key: str, value: Optional[float]) -> None:
+    _check(value is not None and value > 0, key, "> 0", value)
+
+
+def _check_non_negative(key: str, value: float) -> None:
+    _check(value >= 0, key, ">= 0", value)
+
+
+DATASETS = ("synthetic", "synthetic_regression", "npz")
+MODELS = ("linear", "logistic", "mlp")
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine")
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    global_batch_size: int = 64
+    val_fraction: float = 0.2
+    # Seed of the data itself (generation and the validation split), separate from trainer.seed
+    # so that a sweep over training seeds keeps the same data.
+    seed: int = 0
+    num_samples: int = 4096
+    dim: int = 32
+    num_classes: int = 4
+    noise: float = 0.1
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, DATASETS)
+        _check_positive("data.global_batch_size", self.global_batch_size)
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", "in [0, 1)", self.val_fraction)
+        _check_positive("data.num_samples", self.num_samples)
+        _check_positive("data.dim", self.dim)
+        _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)
+        _check_non_negative("data.noise", self.noise)
+        if self.name == "npz":
+            _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    depth: int = 2
+    width: int = 64
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.name", self.name, MODELS)
+        _check_non_negative("model.depth", self.depth)
+        _check_positive("model.width", self.width)
+        _check_choice("model.activation", self.activation, ACTIVATIONS)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # None keeps each optimizer's own torch default (1e-8 for Adam and RMSprop, 1e-10 for AdaGrad).
+    eps: Optional[float] = None
+    alpha: float = 0.99
+    # optim.lr is the learning rate at this global batch size; None means "at data.global_batch_size".
+    reference_batch_size: Optional[int] = None
+    scaling: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        _check_positive("optim.lr", self.lr)
+        _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _check(0 <= self.dampening <= 1, "optim.dampening", "in [0, 1]", self.dampening)
+        if self.nesterov:
+            _check(self.momentum > 0 and self.dampening == 0, "optim.nesterov",
+                   "false unless optim.momentum > 0 and optim.dampening = 0", self.nesterov)
+        _check_non_negative("optim.weight_decay", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "optim.betas", "two values in [0, 1)", list(self.betas))
+        if self.eps is not None:
+            _check_positive("optim.eps", self.eps)
+        _check(0 <= self.alpha < 1, "optim.alpha", "in [0, 1)", self.alpha)
+        if self.reference_batch_size is not None:
+            _check_positive("optim.reference_batch_size", self.reference_batch_size)
+        _check_choice("optim.scaling", self.scaling, ("none", "linear", "sqrt"))
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    unit: str = "steps"
+    warmup_steps: int = 0
+    step_size: int = 1
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    decay_rate: float = 0.0
+    power: float = 1.0
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.name", self.name, SCHEDULES)
+        _check_choice("schedule.unit", self.unit, ("steps", "epochs"))
+        _check_non_negative("schedule.warmup_steps", self.warmup_steps)
+        _check_positive("schedule.step_size", self.step_size)
+        _check(all(m > 0 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+               "schedule.milestones", "increasing positive integers", list(self.milestones))
+        _check_positive("schedule.gamma", self.gamma)
+        _check_non_negative("schedule.decay_rate", self.decay_rate)
+        _check_positive("schedule.power", self.power)
+        _check_non_negative("schedule.min_lr", self.min_lr)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = 200
+    max_epochs: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    allreduce: str = "ddp"
+    log_every: int = 10
+    val_every: int = 50
+    # Bucket size of the manual all-reduce engine; DDP's default is 25 MiB too.
+    bucket_mb: float = 25.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps is not None or self.max_epochs is not None,
+               "trainer.max_steps", "set when trainer.max_epochs is null", self.max_steps)
+        if self.max_steps is not None:
+            _check_positive("trainer.max_steps", self.max_steps)
+        if self.max_epochs is not None:
+            _check_positive("trainer.max_epochs", self.max_epochs)
+        _check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("trainer.allreduce", self.allreduce, ("ddp", "manual"))
+        _check_positive("trainer.log_every", self.log_every)
+        _check_positive("trainer.val_every", self.val_every)
+        _check_positive("trainer.bucket_mb", self.bucket_mb)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed config as validated dataclasses (raises ConfigError naming the bad key)."""
+    schema = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return OmegaConf.to_object(schema)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+@functools.cache  # one id per process, however often Hydra resolves the run dir
+def _run_id() -> str:
+    # torchrun gives every rank of a job (and every restart of it) the same run id, so all ranks
+    # agree on one folder; ${now:} is read per process and could split a run in two.
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return run_id
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _hydra_output_subdir() -> Optional[str]:
+    # Only rank 0 writes .hydra/; the others would race on the same files.
+    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="distsgd_schema", node=Config)
+    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True)
+    OmegaConf.register_new_resolver("distsgd_output_subdir", _hydra_output_subdir, replace=True)
+
+
+register()

@@ -1,0 +1,131 @@
+"""Data: datasets held as tensors, and the DistributedSampler order that shards them.
+
+Batch semantics are global-first. Every epoch the sampler shuffles the whole training set with
+the same seed on every rank and deals position p to rank p % world_size; a rank's k-th local batch
+of ``global_batch_size / world_size`` samples therefore holds its share of positions
+[k*B, (k+1)*B) of that order, and the union over ranks is the same global batch at any world
+size. Only whole global batches are used, so the sampler's padding is never trained on.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from distsgd.config import ConfigError, DataConfig
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    task: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
+    num_outputs: int  # classes, or regression targets per sample
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device) -> "Dataset":
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_val=self.x_val.to(device), y_val=self.y_val.to(device))
+
+
+def load(cfg: DataConfig) -> Dataset:
+    match cfg.name:
+        case "synthetic":
+            x, y = _synthetic_classification(cfg)
+        case "synthetic_regression":
+            x, y = _synthetic_regression(cfg)
+        case "npz":
+            x, y = _read_npz(Path(cfg.path))
+    return _split(x, y, cfg.val_fraction, cfg.seed)
+
+
+def _synthetic_classification(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    # Labels of a random linear teacher with Gaussian noise on its logits: learnable, not trivial.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.num_samples, cfg.dim, generator=gen)
+    teacher = torch.randn(cfg.dim, cfg.num_classes, generator=gen) / cfg.dim**0.5
+    logits = x @ teacher + cfg.noise * torch.randn(cfg.num_samples, cfg.num_classes, generator=gen)
+    return x, logits.argmax(dim=1)
+
+
+def _synthetic_regression(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    # y = X w* + noise: the least-squares optimum is known, so convergence can be measured.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.num_samples, cfg.dim, generator=gen)
+    w_star = torch.randn(cfg.dim, 1, generator=gen)
+    return x, x @ w_star + cfg.noise * torch.randn(cfg.num_samples, 1, generator=gen)
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"data.path: no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise ConfigError(f"data.path: {path} lacks array(s) {sorted(missing)}; it has {sorted(npz.files)}")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ConfigError(f"data.path: {path} is not a readable .npz file ({err})") from None
+    if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(f"data.path: {path} needs x of shape (N, features...) and y of length N, "
+                          f"got x {x.shape} and y {y.shape}")
+    if np.issubdtype(y.dtype, np.integer):
+        if y.ndim != 1 or y.min() < 0:
+            raise ConfigError(f"data.path: integer labels y in {path} must be 1-D and >= 0")
+        return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+    if not np.issubdtype(y.dtype, np.floating) or y.ndim > 2:
+        raise ConfigError(f"data.path: y in {path} must be integer labels or float targets of shape (N,) or (N, k)")
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32).reshape(len(y), -1))
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int) -> Dataset:
+    n_val = int(round(len(x) * val_fraction))
+    if n_val >= len(x):
+        raise ConfigError(f"data.val_fraction={val_fraction} leaves no training samples out of {len(x)}")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:n_val], perm[n_val:]
+    if y.dtype == torch.int64:
+        task, num_outputs = "classification", int(y.max()) + 1
+    else:
+        task, num_outputs = "regression", y.shape[1]
+    return Dataset(x[train], y[train], x[val], y[val], task, num_outputs)
+
+
+def local_batch_size(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size % world_size:
+        raise ConfigError(
+            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}; "
+            f"choose a multiple of {world_size}"
+        )
+    return global_batch_size // world_size
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+    if global_batch_size > num_train:
+        raise ConfigError(f"data.global_batch_size={global_batch_size} exceeds the {num_train} training samples")
+    return num_train // global_batch_size
+
+
+def train_order(num_train: int, rank: int, world_size: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of the epoch's shuffled order; its k-th batch is the k-th slice."""
+    sampler = DistributedSampler(range(num_train), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long, device=device)
+
+
+def val_indices(num_val: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """This rank's validation shard without the sampler's padding, so each sample counts once."""
+    sampler = DistributedSampler(range(num_val), num_replicas=world_size, rank=rank, shuffle=False)
+    real = len(range(rank, num_val, world_size))  # padded positions (>= num_val) come last
+    return torch.tensor(list(sampler)[:real], dtype=torch.long, device=device)

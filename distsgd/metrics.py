@@ -1,0 +1,67 @@
+"""Logs: TensorBoard scalars and a progress bar on rank 0, a no-op logger everywhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class NullLogger:
+    """What non-writing ranks get, so the loop never asks who it is."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def progress(self, step: int, **shown: float) -> None:
+        pass
+
+    def hparams(self, hparams: dict, final_metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger(NullLogger):
+    def __init__(self, log_dir: Path, total_steps: int, first_step: int = 0):
+        # Imported here: only rank 0 pays for TensorBoard's start-up.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def progress(self, step: int, **shown: float) -> None:
+        if shown:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def hparams(self, hparams: dict, final_metrics: dict[str, float]) -> None:
+        """One HParams entry for the run; its metrics are the scalar tags already logged, so the
+        dashboard compares a sweep on the final values of the very curves shown elsewhere."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for summary in hparams_summary(hparams, final_metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested config as flat ``group.key`` entries of the types the HParams plugin accepts."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[name] = str(value)
+        else:
+            flat[name] = value
+    return flat
