@@ -39,8 +39,8 @@ def _check_non_negative(key: str, value: float) -> None:
     _check(value >= 0, key, ">= 0", value)
 
 
-DATASETS = ("synthetic", "synthetic_regression", "npz")
-MODELS = ("linear", "logistic", "mlp")
+DATASETS = ("synthetic", "synthetic_regression", "npz", "digits", "mnist", "cifar10")
+MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine")
@@ -59,6 +59,10 @@ class DataConfig:
     num_classes: int = 4
     noise: float = 0.1
     path: Optional[str] = None
+    # Folder of the mnist / cifar10 files (read locally, never downloaded).
+    root: Optional[str] = None
+    # Random crop with padding and horizontal flip (cifar10).
+    augment: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
@@ -70,6 +74,8 @@ class DataConfig:
         _check_non_negative("data.noise", self.noise)
         if self.name == "npz":
             _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
+        if self.name in ("mnist", "cifar10"):
+            _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class ModelConfig:
     depth: int = 2
     width: int = 64
     activation: str = "relu"
+    # BatchNorm statistics over the global batch instead of each rank's share of it.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
