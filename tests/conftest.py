@@ -1,0 +1,66 @@
+"""Shared test helpers: compose the real config under conf/ and launch real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def make_config(*overrides: str):
+    """The DictConfig that `python -m distsgd.train OVERRIDES` would train with."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the trainer as a user would: torchrun for nproc > 1, plain python otherwise."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    cmd += ["-m", "distsgd.train", f"hydra.run.dir={run_dir}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_params_close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        diff = (a[name] - b[name]).norm() / b[name].norm().clamp_min(1e-12)
+        assert diff < rtol, f"{name}: relative difference {diff:.3g} >= {rtol}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    # In-process runs must not pick up a torchrun environment from the shell that started pytest.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve of a run as [(step, value)], read back from the TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

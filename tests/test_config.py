@@ -1,0 +1,106 @@
+"""Every config under conf/ composes, every group option builds its object, bad values are named."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import CONF, make_config
+
+from distsgd import data, models, optim
+from distsgd.config import ConfigError, to_config
+
+OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+           for group in ("data", "model", "optim", "schedule", "trainer", "experiment")}
+NEEDS_FILES = {"npz", "mnist", "cifar10"}  # read in tests/test_data.py from files made there
+DATA_FOR_MODEL = {"linear": "synthetic_regression", "cnn": "digits", "resnet": "digits"}
+
+
+def test_the_groups_hold_the_documented_options():
+    assert {"synthetic", "synthetic_regression", "npz"} <= set(OPTIONS["data"])
+    assert {"linear", "logistic", "mlp"} <= set(OPTIONS["model"])
+    assert {"sgd", "adam", "adamw", "adagrad", "rmsprop"} <= set(OPTIONS["optim"])
+    assert {"constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine"} <= set(
+        OPTIONS["schedule"])
+    assert OPTIONS["experiment"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
+def test_every_option_composes_and_builds(group, option):
+    if group == "data" and option in NEEDS_FILES:
+        assert to_config(make_config(f"data={option}", "data.path=x.npz", "data.root=.")).data.name == option
+        return
+    extra = [f"data={DATA_FOR_MODEL[option]}"] if group == "model" and option in DATA_FOR_MODEL else []
+    config = to_config(make_config(f"{group}={option}", *extra))
+    dataset = data.load(config.data)
+    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
+    lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
+    optimizer = optim.build_optimizer(config.optim, model.parameters(), lr)
+    schedule = optim.build_schedule(config.schedule, lr, total_steps=100, steps_per_epoch=10)
+    assert optimizer.param_groups[0]["lr"] == lr
+    assert schedule(0) > 0
+
+
+def test_option_name_matches_file():
+    for group in ("data", "model", "optim", "schedule"):
+        for option in OPTIONS[group]:
+            name = getattr(to_config(make_config(f"{group}={option}", "data.path=x.npz", "data.root=.")), group).name
+            assert option in (name, "momentum", "nesterov"), (group, option, name)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("data.global_batch_size=0", "data.global_batch_size must be > 0"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in [0, 1)"),
+    ("optim.momentum=1.0", "optim.momentum must be in [0, 1)"),
+    ("optim.nesterov=true", "optim.nesterov must be false unless optim.momentum > 0"),
+    ("optim.scaling=cubic", "optim.scaling must be one of none|linear|sqrt"),
+    ("schedule.unit=hours", "schedule.unit must be one of steps|epochs"),
+    ("schedule.milestones=[50,10]", "schedule.milestones must be increasing"),
+    ("trainer.device=tpu", "trainer.device must be one of auto|cpu|cuda"),
+    ("trainer.allreduce=ring", "trainer.allreduce must be one of ddp|manual"),
+    ("model.activation=swish", "model.activation must be one of relu|tanh|gelu|sigmoid"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_config(make_config(override))
+
+
+def test_unset_lengths_are_an_error():
+    with pytest.raises(ConfigError, match="trainer.max_steps must be set when trainer.max_epochs is null"):
+        to_config(make_config("trainer.max_steps=null", "trainer.max_epochs=null"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "Key 'lrr' not in 'OptimConfig'"),
+    ("optim.lr=fast", "could not be converted to Float"),
+    ("optim=sgdd", "Could not find 'optim/sgdd'"),
+])
+def test_misspelled_keys_wrong_types_and_unknown_options_fail_at_compose(override, message):
+    with pytest.raises(Exception) as failure:
+        make_config(override)
+    assert message in f"{failure.value} {failure.value.__cause__}"
+
+
+def test_experiment_overrides_groups():
+    config = to_config(make_config("experiment=regression_sgd"))
+    assert (config.data.name, config.model.name, config.schedule.name) == ("synthetic_regression", "linear", "cosine")
+
+
+def test_npz_without_path_is_named():
+    with pytest.raises(ConfigError, match="data.path must be a .npz file"):
+        to_config(make_config("data=npz"))
+
+
+def test_scaled_lr_rules():
+    base = to_config(make_config("optim.lr=0.1", "optim.reference_batch_size=256")).optim
+    assert optim.scaled_lr(base, 1024) == 0.1
+    base.scaling = "linear"
+    assert optim.scaled_lr(base, 1024) == pytest.approx(0.4)
+    base.scaling = "sqrt"
+    assert optim.scaled_lr(base, 1024) == pytest.approx(0.2)
+    base.reference_batch_size = None
+    assert optim.scaled_lr(base, 1024) == pytest.approx(0.1)
+    assert np.isfinite(optim.scaled_lr(base, 1))

@@ -1,0 +1,65 @@
+"""Real torchrun runs on 2 processes: one run directory, world-size invariance, both engines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_params_close, final_params, launch, make_config, read_scalars
+
+from distsgd.train import run
+
+BASE = ["data.num_samples=1024", "data.global_batch_size=64", "trainer.max_steps=40", "trainer.log_every=5",
+        "trainer.val_every=20"]
+MOMENTUM = BASE + ["optim=momentum", "optim.lr=0.05"]
+ADAM_WARMUP_COSINE = BASE + ["optim=adam", "schedule=cosine", "schedule.warmup_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def momentum_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("momentum")
+    run(make_config(*MOMENTUM), root / "one")
+    done = launch(root / "two", *MOMENTUM, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_torchrun_writes_one_run_directory(momentum_runs):
+    run_dir = momentum_runs / "two"
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "rank0.log", "rank1.log", "tensorboard"]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    losses = [v for _, v in read_scalars(run_dir)["train/loss"]]
+    assert losses[-1] < 0.7 * losses[0]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 40 and not any(k.startswith("module.") for k in state["model"])
+
+
+def test_train_loss_is_the_global_batch_mean(momentum_runs):
+    one, two = (read_scalars(momentum_runs / n)["train/loss"] for n in ("one", "two"))
+    assert [s for s, _ in one] == [s for s, _ in two]
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
+    val_one, val_two = (read_scalars(momentum_runs / n)["val/accuracy"] for n in ("one", "two"))
+    assert val_one == val_two  # the same samples counted once each, whatever the sharding
+
+
+def test_world_size_invariance_sgd_momentum(momentum_runs):
+    assert_params_close(final_params(momentum_runs / "two"), final_params(momentum_runs / "one"), rtol=1e-5)
+
+
+def test_world_size_invariance_adam_warmup_cosine(tmp_path):
+    run(make_config(*ADAM_WARMUP_COSINE), tmp_path / "one")
+    done = launch(tmp_path / "two", *ADAM_WARMUP_COSINE, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_params_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"), rtol=1e-5)
+
+
+def test_manual_allreduce_matches_ddp(momentum_runs, tmp_path):
+    done = launch(tmp_path, *MOMENTUM, "trainer.allreduce=manual", "trainer.bucket_mb=0.01", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_params_close(final_params(tmp_path), final_params(momentum_runs / "two"), rtol=1e-6)
+
+
+def test_indivisible_global_batch_under_torchrun(tmp_path):
+    done = launch(tmp_path, "data.global_batch_size=33", nproc=2)
+    assert done.returncode != 0
+    assert "data.global_batch_size=33 is not divisible by the world size 2" in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
