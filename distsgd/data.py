@@ -10,14 +10,20 @@ size. Only whole global batches are used, so the sampler's padding is never trai
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from distsgd import datasets
 from distsgd.config import ConfigError, DataConfig
+from distsgd.distributed import Dist
+
+CROP_PADDING = 4  # the usual CIFAR recipe: pad 4, crop 32x32, flip half of the images
 
 
 @dataclass(frozen=True)
@@ -28,25 +34,104 @@ class Dataset:
     y_val: torch.Tensor
     task: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
     num_outputs: int  # classes, or regression targets per sample
+    # Images stay uint8 until a batch is on its device; then crop/flip (training) and normalize.
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    crop_padding: int = 0
+    # None: the tensors live on the training device. Else they stay in host memory and a
+    # DataLoader with this many workers gathers batches into pinned memory.
+    stream_workers: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device: torch.device) -> "Dataset":
+    def memory_format(self, device: torch.device) -> torch.memory_format:
+        # NHWC lets cuDNN use its fastest convolution kernels; on CPU it buys nothing.
+        return torch.channels_last if device.type == "cuda" and self.x_train.dim() == 4 else torch.preserve_format
+
+    def place(self, device: torch.device, in_memory: bool, num_workers: int) -> "Dataset":
+        """Hold the tensors on the training device, or keep them in (pinned) host memory for a DataLoader."""
+        if not in_memory:
+            return replace(self, stream_workers=num_workers)
         return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
                        x_val=self.x_val.to(device), y_val=self.y_val.to(device))
+
+    def train_batches(self, epoch: int, first: int, steps: int, batch: int, dist: Dist,
+                      seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of steps first..steps-1 of the epoch, in DistributedSampler order;
+        a resumed run starts at ``first`` without reading the batches before it."""
+        order = train_order(len(self.x_train), dist.rank, dist.world_size, seed, epoch, self.x_train.device)
+        slices = [order[k * batch:(k + 1) * batch] for k in range(first, steps)]
+        crop = None
+        if self.crop_padding:
+            crop = [t.to(dist.device) for t in datasets.crop_flip_params(len(self.x_train), self.crop_padding, seed, epoch)]
+        if self.stream_workers is not None:
+            loader = DataLoader(_Rows(self.x_train, self.y_train), batch_sampler=[s.tolist() for s in slices],
+                                num_workers=self.stream_workers, collate_fn=_as_batch,
+                                pin_memory=dist.device.type == "cuda")
+            batches = ((idx, x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True))
+                       for idx, x, y in loader)
+        else:
+            batches = ((idx, self.x_train[idx], self.y_train[idx]) for idx in slices)
+        for idx, x, y in batches:
+            if crop is not None:
+                idx = idx.to(dist.device)
+                x = datasets.random_crop_flip(x, crop[0][idx], crop[1][idx], crop[2][idx], self.crop_padding)
+            yield self._prepare(x, dist.device), y
+
+    def val_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.x_val.device)
+        x, y = self.x_val[idx].to(device, non_blocking=True), self.y_val[idx].to(device, non_blocking=True)
+        return self._prepare(x, device), y
+
+    def _prepare(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.mean_std is not None:
+            x = datasets.normalize(x, *self.mean_std)
+        return x.contiguous(memory_format=self.memory_format(device)) if x.dim() == 4 else x
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of host tensors, fetched a whole batch at a time (DataLoader calls __getitems__)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.tensor(indices)
+        return idx, self.x[idx], self.y[idx]
+
+
+def _as_batch(batch):
+    return batch
 
 
 def load(cfg: DataConfig) -> Dataset:
     match cfg.name:
         case "synthetic":
-            x, y = _synthetic_classification(cfg)
+            return _split(*_synthetic_classification(cfg), cfg.val_fraction, cfg.seed)
         case "synthetic_regression":
-            x, y = _synthetic_regression(cfg)
+            return _split(*_synthetic_regression(cfg), cfg.val_fraction, cfg.seed)
         case "npz":
-            x, y = _read_npz(Path(cfg.path))
-    return _split(x, y, cfg.val_fraction, cfg.seed)
+            return _split(*_read_npz(Path(cfg.path)), cfg.val_fraction, cfg.seed)
+        case "digits":
+            return _split(*datasets.read_digits(), cfg.val_fraction, cfg.seed)
+        case "mnist":
+            # The official test set is the validation set; data.val_fraction does not apply.
+            return Dataset(*_checked_root(cfg, datasets.read_mnist), "classification", 10,
+                           mean_std=datasets.MNIST_MEAN_STD)
+        case "cifar10":
+            return Dataset(*_checked_root(cfg, datasets.read_cifar10), "classification", 10,
+                           mean_std=datasets.CIFAR10_MEAN_STD, crop_padding=CROP_PADDING if cfg.augment else 0)
+
+
+def _checked_root(cfg: DataConfig, reader):
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: no such folder: {root} (data={cfg.name} reads its files from there)")
+    return reader(root)
 
 
 def _synthetic_classification(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,12 +187,13 @@ def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int) -> 
     return Dataset(x[train], y[train], x[val], y[val], task, num_outputs)
 
 
-def local_batch_size(global_batch_size: int, world_size: int) -> int:
-    if global_batch_size % world_size:
-        raise ConfigError(
-            f"data.global_batch_size={global_batch_size} is not divisible by the world size {world_size}; "
-            f"choose a multiple of {world_size}"
-        )
+def local_batch_size(global_batch_size: int, world_size: int, accumulate: int = 1) -> int:
+    """Samples per rank and step; each step splits them into ``accumulate`` equal micro-batches."""
+    parts = world_size * accumulate
+    if global_batch_size % parts:
+        by = f"the world size {world_size}" + (f" x trainer.accumulate={accumulate}" if accumulate > 1 else "")
+        raise ConfigError(f"data.global_batch_size={global_batch_size} is not divisible by {by}; "
+                          f"choose a multiple of {parts}")
     return global_batch_size // world_size
 
 

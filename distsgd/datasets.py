@@ -1,0 +1,177 @@
+"""Real datasets read from local files, and the batched augmentation that goes with them.
+
+Readers check everything they read (magic numbers, sizes, counts, label ranges) and report a bad
+file as one ConfigError line naming it, so a broken download fails before training instead of
+as a shape error or a silently wrong label mid-run. Images stay uint8 until a batch is normalized
+on its device: a quarter of float32's host memory and of its host-to-device traffic.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distsgd.config import ConfigError
+
+# Per-channel (mean, std) of the training images in [0, 1]. CIFAR-10's std is the per-pixel one;
+# the (0.2023, 0.1994, 0.2010) often copied instead is not the dataset's per-pixel std.
+MNIST_MEAN_STD: tuple[tuple[float, ...], tuple[float, ...]] = ((0.1307,), (0.3081,))
+CIFAR10_MEAN_STD: tuple[tuple[float, ...], tuple[float, ...]] = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+_IDX_LABELS, _IDX_IMAGES = 2049, 2051  # 0x0801, 0x0803: unsigned bytes, 1 or 3 dimensions
+_CIFAR_SIDE = 32
+_CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE
+_CIFAR_SUBDIR = "cifar-10-batches-bin"  # what cifar-10-binary.tar.gz unpacks to
+
+
+def read_mnist(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST (or Fashion-MNIST) IDX files, plain or .gz: x_train, y_train, x_test, y_test.
+
+    Images are uint8 [N, 1, 28, 28], labels int64 [N].
+    """
+    arrays: list[Tensor] = []
+    for split in ("train", "t10k"):
+        images_path = _find_idx(root / f"{split}-images-idx3-ubyte")
+        labels_path = _find_idx(root / f"{split}-labels-idx1-ubyte")
+        images = _read_idx(images_path, _IDX_IMAGES)
+        labels = _read_idx(labels_path, _IDX_LABELS)
+        if images.shape[1:] != (28, 28):
+            raise ConfigError(f"mnist: {images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+        if len(images) != len(labels):
+            raise ConfigError(f"mnist: {images_path}: {len(images)} images, but {labels_path} has {len(labels)} labels")
+        _check_labels(labels, labels_path, "mnist")
+        # torch.tensor copies out of the read-only bytes, which torch.from_numpy would only warn about.
+        arrays += [torch.tensor(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))]
+    x_train, y_train, x_test, y_test = arrays
+    return x_train, y_train, x_test, y_test
+
+
+def read_cifar10(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CIFAR-10's binary version, in root or its cifar-10-batches-bin/: x_train, y_train, x_test, y_test.
+
+    Images are uint8 [N, 3, 32, 32] (RGB), labels int64 [N]. The python version is never read:
+    unpickling a downloaded file can run arbitrary code.
+    """
+    if not (root / "test_batch.bin").is_file() and (root / _CIFAR_SUBDIR).is_dir():
+        root = root / _CIFAR_SUBDIR
+    x_train, y_train = _read_cifar_files([root / f"data_batch_{i}.bin" for i in range(1, 6)])
+    x_test, y_test = _read_cifar_files([root / "test_batch.bin"])
+    return x_train, y_train, x_test, y_test
+
+
+def read_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits (no download): x float32 [1797, 1, 8, 8] in [0, 1], y int64."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ConfigError("data=digits needs scikit-learn: pip install 'distsgd[datasets]'") from None
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16).unsqueeze(1)  # pixels are 0..16
+    return x, torch.from_numpy(digits.target.astype(np.int64))
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Float32 [B, C, H, W] standardized per channel; uint8 images are scaled from 0..255 to [0, 1] first."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def crop_flip_params(num_samples: int, padding: int, seed: int, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Crop offsets dy, dx in [0, 2*padding] (int64) and flip flags (bool) of every training sample for one epoch.
+
+    They are drawn for the whole training set from (seed, epoch) alone, identically on every rank, and
+    a batch takes the entries of its own sample indices. A sample's augmentation therefore does not
+    depend on the number of processes, on which rank or batch it lands in, or on whether the epoch was
+    resumed from a checkpoint midway: runs at any world size see the same augmented global batches.
+    """
+    # SeedSequence mixes (seed, epoch) so that neighbouring pairs give unrelated streams, and unlike
+    # the sampler's seed + epoch, so that augmentation is not correlated with the shuffle.
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
+    gen = torch.Generator().manual_seed(int(state))
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, num_samples), generator=gen)
+    flip = torch.rand(num_samples, generator=gen) < 0.5
+    return dy, dx, flip
+
+
+def random_crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int) -> Tensor:
+    """x [B, C, H, W] zero-padded by `padding`, cropped back to HxW at (dy[i], dx[i]), flipped horizontally where flip[i].
+
+    One gather for the whole batch on x's device, for any dtype. Apply it to uint8 images before
+    normalize() so that the border is black, as in the usual recipe, rather than the mean colour.
+    """
+    b, c, h, w = x.shape
+    dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channels = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _find_idx(path: Path) -> Path:
+    gz = path.with_name(path.name + ".gz")
+    if path.is_file():
+        return path
+    if gz.is_file():
+        return gz
+    raise ConfigError(f"mnist: {path}: no such file (nor {gz.name})")
+
+
+def _read_bytes(path: Path, dataset: str) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ConfigError(f"{dataset}: {path}: unreadable ({err})") from None
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    raw = _read_bytes(path, "mnist")
+    ndim = magic & 0xFF
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise ConfigError(f"mnist: {path}: truncated: {len(raw)} bytes, shorter than its {header}-byte header")
+    found, *dims = np.frombuffer(raw, dtype=">i4", count=1 + ndim).tolist()
+    if found != magic:
+        raise ConfigError(f"mnist: {path}: magic number {found}, expected {magic}")
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "trailing data"
+        raise ConfigError(f"mnist: {path}: {problem}: {len(raw)} bytes, its header {dims} promises {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_cifar_files(paths: list[Path]) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"cifar10: {path}: no such file (the binary version, cifar-10-binary.tar.gz, is read)")
+        raw = _read_bytes(path, "cifar10")
+        if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
+            raise ConfigError(f"cifar10: {path}: {len(raw)} bytes, not a positive multiple of the "
+                              f"{_CIFAR_RECORD}-byte record (truncated?)")
+        records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+        _check_labels(records[:, 0], path, "cifar10")
+        labels.append(records[:, 0])
+        images.append(records[:, 1:].reshape(-1, 3, _CIFAR_SIDE, _CIFAR_SIDE))
+    # concatenate copies into writable arrays, which torch.from_numpy needs.
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+
+def _check_labels(labels: np.ndarray, path: Path, dataset: str) -> None:
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise ConfigError(f"{dataset}: {path}: label {labels[bad[0]]} out of range 0..9 (sample {bad[0]})")
