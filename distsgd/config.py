@@ -63,6 +63,10 @@ class DataConfig:
     root: Optional[str] = None
     # Random crop with padding and horizontal flip (cifar10).
     augment: bool = False
+    # Hold the data as tensors on the training device and gather batches by index; false streams
+    # batches from host memory through a DataLoader (num_workers, pinned memory) in the same order.
+    in_memory: bool = True
+    num_workers: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
@@ -74,6 +78,7 @@ class DataConfig:
         _check_non_negative("data.noise", self.noise)
         if self.name == "npz":
             _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
+        _check_non_negative("data.num_workers", self.num_workers)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
 
@@ -165,6 +170,22 @@ class TrainerConfig:
     val_every: int = 50
     # Bucket size of the manual all-reduce engine; DDP's default is 25 MiB too.
     bucket_mb: float = 25.0
+    # Micro-batches per rank and step; the update equals the one for the whole global batch.
+    accumulate: int = 1
+    precision: str = "32"
+    clip_grad_norm: Optional[float] = None
+    compile: bool = False
+    # Steps between checkpoints (0: only at the end); the newest keep_checkpoints are kept.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    # auto: continue from the newest valid checkpoint of the run directory; never; or a file path.
+    resume: str = "auto"
+    # Continue even though the trajectory-deciding config differs from the checkpoint's.
+    resume_override: bool = False
+    collective_timeout_s: float = 600.0
+    # What a non-finite loss or gradient norm does: skip the update (on every rank) or stop.
+    nonfinite: str = "skip"
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         _check(self.max_steps is not None or self.max_epochs is not None,
@@ -178,6 +199,16 @@ class TrainerConfig:
         _check_positive("trainer.log_every", self.log_every)
         _check_positive("trainer.val_every", self.val_every)
         _check_positive("trainer.bucket_mb", self.bucket_mb)
+        _check_positive("trainer.accumulate", self.accumulate)
+        _check_choice("trainer.precision", self.precision, ("32", "bf16", "fp16"))
+        if self.clip_grad_norm is not None:
+            _check_positive("trainer.clip_grad_norm", self.clip_grad_norm)
+        _check_non_negative("trainer.checkpoint_every", self.checkpoint_every)
+        _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        _check(bool(self.resume), "trainer.resume", "auto, never or a checkpoint path", self.resume)
+        _check_positive("trainer.collective_timeout_s", self.collective_timeout_s)
+        _check_choice("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
+        _check_non_negative("trainer.max_consecutive_skips", self.max_consecutive_skips)
 
 
 @dataclass

@@ -129,9 +129,69 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def convert_sync_bn(model: nn.Module) -> nn.Module:
-    """BatchNorm layers as SyncBatchNorm, whose statistics span the global batch (CUDA only in training)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers whose training statistics span the global batch: torch's SyncBatchNorm on
+    CUDA, GlobalBatchNorm elsewhere (SyncBatchNorm refuses CPU tensors). State dict keys stay."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        converted = GlobalBatchNorm(model.num_features, model.eps, model.momentum, model.affine,
+                                    model.track_running_stats)
+        converted.load_state_dict(model.state_dict())
+        return converted
+    for name, child in model.named_children():
+        setattr(model, name, convert_sync_bn(child, device))
+    return model
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalization over the samples of all ranks, for any backend (gloo included).
+
+    Two differentiable all-reduces (sum, then squared deviations) give the exact global mean and
+    biased variance; their backward all-reduces the gradients, so the update equals plain
+    BatchNorm's on the whole global batch, whatever the number of processes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+        torch.distributed.all_reduce(count)
+        mean = _SumOverRanks.apply(x.sum(dims)) / count
+        centered = x - mean.reshape(shape)
+        var = _SumOverRanks.apply((centered * centered).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * count / (count - 1).clamp_min(1), factor)
+        out = centered * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return out
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum of a tensor over all ranks; every rank uses the sum, so the gradient is summed too."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        total = local.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
 
 
 def loss_fn(task: str):

@@ -4,21 +4,25 @@
     torchrun --standalone --nproc_per_node=2 -m distsgd.train  # N processes on this node
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29500 --rdzv-id=JOB -m distsgd.train   # on each of 2 nodes
+    torchrun --standalone --nproc_per_node=2 --max-restarts=3 -m distsgd.train \\
+        trainer.checkpoint_every=100                           # survive dead workers
 
 Any Hydra override follows, e.g. ``optim=adam optim.lr=3e-4 schedule=cosine
 schedule.warmup_steps=100 data.global_batch_size=256 hydra.run.dir=runs/adam``.
 
 Curves: ``train/*`` at step t describe update t (0-based): the global-batch loss measured before
-it, the learning rate it used, the norm of its averaged gradient. ``val/*`` at step t are
-measured after t updates.
+it, the learning rate it used, the norm of its averaged gradient before clipping. ``val/*`` at
+step t are measured after t updates.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -35,6 +39,15 @@ from distsgd.metrics import NullLogger, TensorBoardLogger, flatten
 log = logging.getLogger("distsgd")
 
 EVAL_CHUNK = 4096  # validation samples per forward pass; only memory depends on it
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Stopped(Exception):
+    """The run ended early on purpose (non-finite values, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
@@ -43,110 +56,257 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
     # Everything a user can get wrong is checked before the process group exists, so that a bad
     # input stops every rank the same way instead of leaving some waiting in a collective.
     dataset = data.load(config.data)
-    dist = distributed.init(config.trainer.device)
+    checkpoint.check_writable(run_dir / "checkpoints")
+    resume_from = _checkpoint_to_resume(config.trainer, run_dir / "checkpoints")
+    dist = distributed.init(config.trainer.device, config.trainer.collective_timeout_s)
     try:
         _quiet_console_unless_main(dist)
-        return train(config, dataset.to(dist.device), dist, run_dir)
+        dataset = dataset.place(dist.device, config.data.in_memory, config.data.num_workers)
+        return train(config, dataset, dist, run_dir, resume_from)
     finally:
         distributed.shutdown()
 
 
-def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path) -> dict[str, float]:
+def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
+          resume_from: Path | None = None) -> dict[str, float]:
     tc = config.trainer
     global_batch = config.data.global_batch_size
-    batch = data.local_batch_size(global_batch, dist.world_size)
+    batch = data.local_batch_size(global_batch, dist.world_size, tc.accumulate)
     steps_per_epoch = data.steps_per_epoch(len(dataset.x_train), global_batch)
     total_steps = min(tc.max_steps or math.inf, (tc.max_epochs or math.inf) * steps_per_epoch)
     schedule = optim.build_schedule(config.schedule, optim.scaled_lr(config.optim, global_batch),
                                     total_steps, steps_per_epoch)
 
     torch.manual_seed(tc.seed)
-    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task).to(dist.device)
-    optimizer = optim.build_optimizer(config.optim, model.parameters(), schedule(0))
+    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
+    if config.model.sync_bn and models.has_batchnorm(model):
+        model = models.convert_sync_bn(model, dist.device)
+    model = model.to(dist.device, memory_format=dataset.memory_format(dist.device))
+    optimizer = optim.build_optimizer(config.optim, model.parameters(), schedule(0), dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=tc.precision == "fp16")
+    progress = {"step": 0, "skipped_steps": 0}
+    if resume_from is not None:
+        progress = _restore(resume_from, config, schedule, model, optimizer, scaler, dist)
     if tc.allreduce == "ddp":
         net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
         buckets = None
     else:
         distributed.broadcast_parameters(model)
         net, buckets = model, distributed.make_buckets(list(model.parameters()), int(tc.bucket_mb * 2**20))
+    if tc.compile:
+        net = torch.compile(net)
     loss_fn = models.loss_fn(dataset.task)
+    autocast = (torch.autocast(dist.device.type, AUTOCAST_DTYPES[tc.precision])
+                if tc.precision in AUTOCAST_DTYPES else nullcontext())
+    params = list(model.parameters())
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
+    logger = TensorBoardLogger(run_dir / "tensorboard", total_steps, progress["step"]) if dist.is_main else NullLogger()
+    save = _Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist)
 
-    logger = TensorBoardLogger(run_dir / "tensorboard", total_steps) if dist.is_main else NullLogger()
     metrics: dict[str, float] = {}
-    last_log_step, last_log_time = 0, time.perf_counter()
-    order = None
-    for step in range(total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        if order is None or k == 0:
-            order = data.train_order(len(dataset.x_train), dist.rank, dist.world_size, tc.seed, epoch, dist.device)
-        if step % tc.val_every == 0 and len(val_idx):
-            val_start = time.perf_counter()
-            metrics.update(_validate(model, dataset, val_idx, loss_fn))
-            logger.scalars(step, _group(metrics, "val/"))
-            last_log_time += time.perf_counter() - val_start  # samples_per_sec counts training only
+    step, skipped, consecutive = progress["step"], progress["skipped_steps"], 0
+    last_log_step, last_log_time = step, time.perf_counter()
+    with _SigtermFlag() as sigterm:
+        while step < total_steps:
+            epoch, first = divmod(step, steps_per_epoch)
+            for x, y in dataset.train_batches(epoch, first, steps_per_epoch, batch, dist, tc.seed):
+                if step % tc.val_every == 0 and len(val_idx):
+                    val_start = time.perf_counter()
+                    metrics.update(_validate(model, dataset, val_idx, loss_fn, autocast))
+                    logger.scalars(step, _group(metrics, "val/"))
+                    last_log_time += time.perf_counter() - val_start  # samples_per_sec counts training only
 
-        idx = order[k * batch:(k + 1) * batch]
-        lr = schedule(step)
-        optim.set_lr(optimizer, lr)
-        loss = loss_fn(net(dataset.x_train[idx]), dataset.y_train[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if buckets is not None:
-            distributed.average_gradients(buckets, dist.world_size)
-        optimizer.step()
+                lr = schedule(step)
+                optim.set_lr(optimizer, lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss = torch.zeros((), device=dist.device)
+                for i, (xm, ym) in enumerate(zip(x.chunk(tc.accumulate), y.chunk(tc.accumulate))):
+                    # DDP all-reduces only with the last micro-batch; the others accumulate locally.
+                    sync = i == tc.accumulate - 1 or buckets is not None
+                    with (nullcontext() if sync else net.no_sync()), autocast:
+                        micro_loss = loss_fn(net(xm), ym) / tc.accumulate
+                    scaler.scale(micro_loss).backward()
+                    loss += micro_loss.detach()
+                if buckets is not None:
+                    distributed.average_gradients(buckets, dist.world_size)
+                scaler.unscale_(optimizer)
+                grad_norm = _grad_norm(params)
+                if tc.clip_grad_norm is not None:
+                    torch._foreach_mul_([p.grad for p in params if p.grad is not None],
+                                        (tc.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+                # One small all-reduce per step: the global loss, and agreement of all ranks on
+                # whether it is finite and whether any rank was asked to stop (SIGTERM).
+                shared = distributed.all_reduce_sum(torch.stack([loss, sigterm.tensor(dist.device)]))
+                global_loss, stop_requested, norm = torch.cat([shared, grad_norm.reshape(1)]).tolist()
+                global_loss /= dist.world_size
+                # Gradients are identical on all ranks after the all-reduce, so is their norm; with
+                # fp16 a non-finite gradient is the scaler's overflow, which it skips by itself.
+                finite = math.isfinite(global_loss) and (math.isfinite(norm) or scaler.is_enabled())
+                if finite:
+                    scaler.step(optimizer)
+                    consecutive = 0
+                else:
+                    skipped += 1
+                    consecutive += 1
+                    if tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips:
+                        save(step, skipped, final=False)
+                        raise Stopped(_nonfinite_message(step, global_loss, norm, consecutive, tc, save.last_path), 3)
+                scaler.update()
 
-        # Host syncs (.item(), the loss all-reduce) happen on logging steps only.
-        if step % tc.log_every == 0 or step == total_steps - 1:
-            now = time.perf_counter()
-            metrics["train/loss"] = distributed.all_reduce_sum(loss.detach().clone()).item() / dist.world_size
-            metrics["train/lr"] = lr
-            metrics["train/grad_norm"] = _grad_norm(model).item()
-            if step > last_log_step:
-                metrics["train/samples_per_sec"] = (step - last_log_step) * global_batch / (now - last_log_time)
-            logger.scalars(step, _group(metrics, "train/"))
-            logger.progress(step + 1, loss=metrics["train/loss"], lr=lr)
-            last_log_step, last_log_time = step, now
-        else:
-            logger.progress(step + 1)
+                if step % tc.log_every == 0 or step == total_steps - 1:
+                    now = time.perf_counter()
+                    metrics.update({"train/loss": global_loss, "train/lr": lr, "train/grad_norm": norm,
+                                    "train/skipped_steps": skipped})
+                    if step > last_log_step:
+                        metrics["train/samples_per_sec"] = (step - last_log_step) * global_batch / (now - last_log_time)
+                    logger.scalars(step, _group(metrics, "train/"))
+                    logger.progress(step + 1, loss=global_loss, lr=lr)
+                    last_log_step, last_log_time = step, now
+                else:
+                    logger.progress(step + 1)
+                step += 1
+                if stop_requested:
+                    save(step, skipped, final=False)
+                    raise Stopped(f"stopped by SIGTERM after step {step}; saved {save.last_path}; "
+                                  "launch the same command again to resume", 143)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
+                    save(step, skipped, final=False)
+                if step == total_steps:
+                    break
 
     if len(val_idx):
-        metrics.update(_validate(model, dataset, val_idx, loss_fn))
+        metrics.update(_validate(model, dataset, val_idx, loss_fn, autocast))
         logger.scalars(total_steps, _group(metrics, "val/"))
-    if dist.is_main:
-        checkpoint.save({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "step": total_steps,
-            "config": to_yaml(config),
-        }, run_dir / "checkpoints" / "last.pt")
+    save(total_steps, skipped, final=True)
     logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics)
     logger.close()
-    torch.distributed.barrier()
     log.info("run directory: %s", run_dir)
     log.info("curves: tensorboard --logdir %s --host 127.0.0.1", run_dir / "tensorboard")
     return metrics
+
+
+class _Saver:
+    """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
+
+    def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
+                 dist: Dist):
+        self.directory, self.config, self.schedule = directory, config, schedule
+        self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
+        self.last_path: Path | None = None
+
+    def __call__(self, step: int, skipped: int, final: bool) -> None:
+        rng_states: list = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(rng_states, checkpoint.rng_state())
+        self.last_path = self.directory / "last.pt" if final else checkpoint.step_path(self.directory, step)
+        if self.dist.is_main:
+            checkpoint.save({
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "step": step,
+                "skipped_steps": skipped,
+                "world_size": self.dist.world_size,
+                "rng": rng_states,
+                "config": to_yaml(self.config),
+            }, self.last_path)
+            checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
+        torch.distributed.barrier()
+
+
+def _checkpoint_to_resume(tc, directory: Path) -> Path | None:
+    match tc.resume:
+        case "never":
+            return None
+        case "auto":
+            return checkpoint.find_latest_valid(directory)
+        case path:
+            if checkpoint.verify(Path(path)) is not None:
+                raise ConfigError(f"trainer.resume={path}: {checkpoint.verify(Path(path))}")
+            return Path(path)
+
+
+# What decides the trajectory: a resumed run must agree with its checkpoint on these.
+TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
+                   "trainer.clip_grad_norm")
+NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
+
+
+def _restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
+    state = checkpoint.load(path)
+    if not config.trainer.resume_override:
+        _check_same_trajectory(path, config, schedule, state)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == dist.world_size:
+        checkpoint.set_rng_state(state["rng"][dist.rank])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"]}
+
+
+def _check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict) -> None:
+    def relevant(tree: dict) -> dict:
+        flat = flatten(tree)
+        return {k: v for k, v in flat.items() if k.startswith(TRAJECTORY_KEYS) and k not in NOT_TRAJECTORY}
+
+    saved = relevant(OmegaConf.to_container(OmegaConf.create(state["config"])))
+    now = relevant(OmegaConf.to_container(OmegaConf.structured(config)))
+    saved["schedule total steps"] = state["scheduler"]["total_steps"]
+    now["schedule total steps"] = schedule.total_steps
+    changed = [f"{k} ({saved.get(k)} -> {now.get(k)})" for k in sorted(saved.keys() | now.keys())
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"trainer.resume: the config differs from checkpoint {path} in {', '.join(changed)}; "
+                          "restore those values, start a new run directory, or set trainer.resume_override=true")
+
+
+def _nonfinite_message(step, loss, norm, consecutive, tc, path) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+    why = (f"{consecutive} consecutive non-finite steps (trainer.max_consecutive_skips={tc.max_consecutive_skips})"
+           if tc.nonfinite == "skip" else "trainer.nonfinite=stop")
+    return (f"non-finite {what} at step {step}; stopped after {why}; saved the last good state to {path}; "
+            "try a lower optim.lr (or trainer.clip_grad_norm)")
+
+
+class _SigtermFlag:
+    """Remembers a SIGTERM (what schedulers send at their time limit) until the next step ends."""
+
+    def __enter__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(float(self.received), device=device)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 @torch.no_grad()
-def _validate(model, dataset: data.Dataset, idx: torch.Tensor, loss_fn) -> dict[str, float]:
+def _validate(model, dataset: data.Dataset, idx: torch.Tensor, loss_fn, autocast) -> dict[str, float]:
     """Mean loss (and accuracy) over the whole validation set, each sample counted once."""
     model.eval()
     # float64 sums so that the result does not depend on how the set is split across ranks.
     totals = torch.zeros(3, dtype=torch.float64, device=idx.device)  # loss sum, correct, count
     for chunk in idx.split(EVAL_CHUNK):
-        out, y = model(dataset.x_val[chunk]), dataset.y_val[chunk]
-        totals[0] += loss_fn(out, y, reduction="none").reshape(len(chunk), -1).mean(1).sum()
+        x, y = dataset.val_batch(chunk, idx.device)
+        with autocast:
+            out = model(x)
+            totals[0] += loss_fn(out, y, reduction="none").reshape(len(chunk), -1).mean(1).sum()
         if dataset.task == "classification":
             totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(chunk)
@@ -173,6 +333,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"distsgd: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(f"distsgd: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     return metrics.get("val/loss", metrics.get("train/loss"))  # the objective for sweepers
 
 

@@ -1,5 +1,8 @@
+import copy
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distsgd import models
@@ -78,17 +81,34 @@ def test_has_batchnorm():
     assert not models.has_batchnorm(_build((16,), name="mlp"))
 
 
-def test_convert_sync_bn():
+def test_convert_sync_bn_on_cpu_keeps_keys_and_equals_batchnorm_on_one_rank():
     net = _build((3, 32, 32), name="resnet", depth=20)
-    keys = set(net.state_dict())
-    synced = models.convert_sync_bn(net)
+    reference = copy.deepcopy(net)
+    synced = models.convert_sync_bn(net, torch.device("cpu"))
     kinds = {type(m) for m in synced.modules()}
-    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    assert models.GlobalBatchNorm in kinds and nn.BatchNorm2d not in kinds
     assert models.has_batchnorm(synced)
-    # Same state_dict keys, so checkpoints load into either form.
-    assert set(synced.state_dict()) == keys
-    # Without a process group SyncBatchNorm falls back to plain BatchNorm, so CPU forward works.
-    assert synced(torch.randn(BATCH, 3, 32, 32)).shape == (BATCH, 10)
+    assert set(synced.state_dict()) == set(reference.state_dict())  # checkpoints load into either form
+    x = torch.randn(BATCH, 3, 32, 32)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        out, expected = synced(x), reference(x)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(out, expected, atol=1e-5)
+    for (name, a), b in zip(synced.named_parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+    for (name, a), b in zip(synced.named_buffers(), reference.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    synced.eval(), reference.eval()
+    assert torch.allclose(synced(x), reference(x), atol=1e-5)
+
+
+def test_convert_sync_bn_on_cuda_uses_torch_syncbatchnorm():
+    synced = models.convert_sync_bn(_build((3, 32, 32), name="resnet", depth=20), torch.device("cuda"))
+    assert nn.SyncBatchNorm in {type(m) for m in synced.modules()}
 
 
 def test_cnn_sgd_reduces_loss():
