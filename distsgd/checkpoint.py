@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import socket
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def check_writable(directory: Path) -> None:
     """Fail before training, not at the first save hours later, when checkpoints cannot be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
+        probe = directory / f".write-probe-{socket.gethostname()}-{os.getpid()}"  # unique on shared disks
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

@@ -72,6 +72,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_object(value):
+    """Rank 0's value on every rank."""
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
     """Group parameters (same dtype, in order) into buckets of about ``bucket_bytes``."""
     buckets: list[list[torch.nn.Parameter]] = []

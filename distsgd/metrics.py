@@ -28,7 +28,9 @@ class TensorBoardLogger(NullLogger):
         # Imported here: only rank 0 pays for TensorBoard's start-up.
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # A resumed run hides the points an interrupted run logged past its checkpoint, so each
+        # curve keeps one value per step.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step or None)
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -61,6 +61,8 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
     dist = distributed.init(config.trainer.device, config.trainer.collective_timeout_s)
     try:
         _quiet_console_unless_main(dist)
+        # Rank 0's choice binds all: a checkpoint appearing mid-scan must not split the ranks.
+        resume_from = distributed.broadcast_object(resume_from)
         dataset = dataset.place(dist.device, config.data.in_memory, config.data.num_workers)
         return train(config, dataset, dist, run_dir, resume_from)
     finally:
@@ -221,8 +223,9 @@ def _checkpoint_to_resume(tc, directory: Path) -> Path | None:
         case "auto":
             return checkpoint.find_latest_valid(directory)
         case path:
-            if checkpoint.verify(Path(path)) is not None:
-                raise ConfigError(f"trainer.resume={path}: {checkpoint.verify(Path(path))}")
+            problem = checkpoint.verify(Path(path))
+            if problem is not None:
+                raise ConfigError(f"trainer.resume={path}: {problem}")
             return Path(path)
 
 
