@@ -329,7 +329,12 @@ def _quiet_console_unless_main(dist: Dist) -> None:
                 handler.setLevel(logging.ERROR)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: Hydra reads a relative one as a package path when the entry point is the
+# console script rather than `python -m`, and conf/ is no package.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))

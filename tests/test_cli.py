@@ -1,0 +1,27 @@
+"""The command line a user types: the console script and Hydra multirun sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, read_scalars
+
+
+def test_console_script_runs_a_multirun_sweep(tmp_path):
+    script = Path(sys.executable).with_name("distsgd-train")
+    done = subprocess.run(
+        [str(script), "-m", "optim.lr=0.05,0.5", f"hydra.sweep.dir={tmp_path}", "trainer.max_steps=6",
+         "trainer.log_every=5", "data.num_samples=256"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, lr in (("0", 0.05), ("1", 0.5)):
+        run_dir = tmp_path / job
+        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        assert read_scalars(run_dir)["train/lr"][0][1] == pytest.approx(lr, rel=1e-7)  # stored as float32
+        events = next((run_dir / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
+        assert b"_hparams_/session_start_info" in events and b"optim.lr" in events
