@@ -56,10 +56,28 @@ def init(requested_device: str, timeout_s: float = 1800.0) -> Dist:
     else:
         backend = "gloo"
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **_restart_safe_store(rank, world_size, timeout))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restart_safe_store(rank: int, world_size: int, timeout: timedelta) -> dict:
+    """The store of this attempt when torchrun restarts a one-node job; {} for the env:// default.
+
+    torchrun keeps one TCPStore for all attempts of a job, and the process group keys nothing by
+    attempt, so a restarted rank can read the address its dead predecessor published and fail to
+    connect (pytorch/pytorch#135712). On one node every worker is restarted together and agrees on
+    TORCHELASTIC_RESTART_COUNT; across nodes the counts differ, which only
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per attempt) avoids.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"default_pg/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def shutdown() -> None:
