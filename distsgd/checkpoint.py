@@ -82,7 +82,7 @@ def save(state: dict, path: Path) -> None:
 def verify(path: Path) -> str | None:
     """None when ``path`` matches its sidecar; otherwise why it cannot be trusted."""
     if not path.is_file():
-        return "missing"
+        return "not a file" if path.exists() else "missing"  # e.g. trainer.resume=<a folder>
     sidecar = _sidecar(path)
     if not sidecar.is_file():
         return "no .sha256 sidecar"
@@ -183,6 +183,9 @@ def _read(path: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # no class or function named at all: bytes that are no pickle
+            raise ConfigError(f"checkpoint {path} is not a readable checkpoint "
+                              f"(UnpicklingError: {_first_line(err)})") from None
         raise ConfigError(f"checkpoint {path} holds objects other than tensors and plain values; "
                           f"refusing to unpickle it ({_first_line(err)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
@@ -194,10 +197,12 @@ def _read(path: Path, mmap: bool = False) -> dict:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    # torch's weights_only refusal opens with how to bypass the check; this line names what was refused.
-    named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-    return (named or lines or [type(err).__name__])[0]
+    # torch's weights_only refusal opens with how to bypass the check (unsafe advice here) and ends
+    # with a link; what it refused lies between, after this marker where there is one.
+    text = str(err).partition("WeightsUnpickler error:")[2] or str(err)
+    boilerplate = ("Weights only load failed", "Check the documentation of torch.load")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return (lines or [type(err).__name__])[0]
 
 
 def _step_files(directory: Path) -> list[tuple[int, Path]]:

@@ -222,8 +222,22 @@ class Config:
 
 def to_config(cfg: DictConfig) -> Config:
     """The composed config as validated dataclasses (raises ConfigError naming the bad key)."""
+    # Hydra lets `+group.key=value` add a key the schema lacks (its own error message for a typo
+    # suggests exactly that), and the dataclasses would then drop it without a word.
+    known = _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
+    unknown = sorted(_key_paths(OmegaConf.to_container(cfg)) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; they would be ignored "
+                          "(check the spelling against conf/ and the schemas in distsgd/config.py)")
     schema = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     return OmegaConf.to_object(schema)
+
+
+def _key_paths(tree: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in tree.items():
+        paths |= _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return paths
 
 
 def to_yaml(config: Config) -> str:
