@@ -89,14 +89,17 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     progress = {"step": 0, "skipped_steps": 0}
     if resume_from is not None:
         progress = _restore(resume_from, config, schedule, model, optimizer, scaler, dist)
+    # Compiled inside DDP, not around it: torch.compile(DDP(model)) starts tracing only at frames
+    # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
+    # DDP's forward is active while the inner module compiles, so its graph is still split at
+    # DDP's bucket boundaries (DDPOptimizer).
+    net = torch.compile(model) if tc.compile else model
     if tc.allreduce == "ddp":
-        net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
         buckets = None
     else:
         distributed.broadcast_parameters(model)
-        net, buckets = model, distributed.make_buckets(list(model.parameters()), int(tc.bucket_mb * 2**20))
-    if tc.compile:
-        net = torch.compile(net)
+        buckets = distributed.make_buckets(list(model.parameters()), int(tc.bucket_mb * 2**20))
     loss_fn = models.loss_fn(dataset.task)
     autocast = (torch.autocast(dist.device.type, AUTOCAST_DTYPES[tc.precision])
                 if tc.precision in AUTOCAST_DTYPES else nullcontext())
@@ -233,15 +236,38 @@ def _checkpoint_to_resume(tc, directory: Path) -> Path | None:
 TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
                    "trainer.clip_grad_norm")
 NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
+# What _Saver writes besides "model" and "step".
+_TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_size", "rng", "config")
 
 
 def _restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
     state = checkpoint.load(path)
+    # checkpoint.load vouches for "model" and "step" only; a foreign file could still lack the rest.
+    missing = [key for key in _TRAINING_STATE if key not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is not a distsgd training checkpoint (it lacks {', '.join(missing)})")
     if not config.trainer.resume_override:
         _check_same_trajectory(path, config, schedule, state)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    # The config decides the hyperparameters: load_state_dict would bring back the checkpoint's
+    # (momentum, betas, ...), silently undoing what resume_override allowed to change.
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    saved_optimizer = OmegaConf.create(state["config"]).optim.name
+    try:
+        model.load_state_dict(state["model"])
+        if saved_optimizer == config.optim.name:
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # another optimizer's state (an SGD momentum buffer for Adam) would crash its first step
+            log.warning("optim.name changed from %s to %s: the optimizer state starts afresh",
+                        saved_optimizer, config.optim.name)
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        # torch's first line is often only a heading ("Error(s) in loading state_dict for ...:").
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and not line.endswith(":")),
+                      type(err).__name__)
+        raise ConfigError(f"checkpoint {path} does not fit this run's model or optimizer ({reason}); "
+                          "start a new run directory for a different model") from None
+    for group, values in zip(optimizer.param_groups, hyper):
+        group.update(values)
     if state["world_size"] == dist.world_size:
         checkpoint.set_rng_state(state["rng"][dist.rank])
     log.info("resumed from %s at step %d", path, state["step"])
