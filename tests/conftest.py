@@ -13,6 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+# In-process runs train tiny models on 2 shared cores, where OpenMP threads only wait on each
+# other (about 10x slower); torchrun gives its workers OMP_NUM_THREADS=1 likewise.
+torch.set_num_threads(1)
 CONF = REPO / "conf"
 
 
