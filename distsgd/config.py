@@ -79,6 +79,9 @@ class DataConfig:
         if self.name == "npz":
             _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
         _check_non_negative("data.num_workers", self.num_workers)
+        if self.augment:
+            _check(self.name == "cifar10", "data.augment", "false unless data=cifar10 (crop and flip suit CIFAR images)",
+                   self.augment)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
 

@@ -62,6 +62,7 @@ def test_option_name_matches_file():
     ("trainer.device=tpu", "trainer.device must be one of auto|cpu|cuda"),
     ("trainer.allreduce=ring", "trainer.allreduce must be one of ddp|manual"),
     ("model.activation=swish", "model.activation must be one of relu|tanh|gelu|sigmoid"),
+    ("data.augment=true", "data.augment must be false unless data=cifar10"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
