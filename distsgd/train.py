@@ -130,25 +130,32 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
                     sync = i == tc.accumulate - 1 or buckets is not None
                     with (nullcontext() if sync else net.no_sync()), autocast:
                         micro_loss = loss_fn(net(xm), ym) / tc.accumulate
-                    scaler.scale(micro_loss).backward()
+                    scaler.scale(micro_loss * _nan_unless_finite(micro_loss)).backward()
                     loss += micro_loss.detach()
                 if buckets is not None:
                     distributed.average_gradients(buckets, dist.world_size)
+                # The global loss and any rank's SIGTERM travel in one small all-reduce, awaited only
+                # after the update so that its latency hides behind the optimizer step.
+                shared = torch.stack([loss, sigterm.tensor(dist.device)])
+                pending = torch.distributed.all_reduce(shared, async_op=True)
                 scaler.unscale_(optimizer)
                 grad_norm = _grad_norm(params)
                 if tc.clip_grad_norm is not None:
                     torch._foreach_mul_([p.grad for p in params if p.grad is not None],
                                         (tc.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
-                # One small all-reduce per step: the global loss, and agreement of all ranks on
-                # whether it is finite and whether any rank was asked to stop (SIGTERM).
-                shared = distributed.all_reduce_sum(torch.stack([loss, sigterm.tensor(dist.device)]))
-                global_loss, stop_requested, norm = torch.cat([shared, grad_norm.reshape(1)]).tolist()
+                # A non-finite loss on any rank made every gradient NaN, and the gradient all-reduce
+                # gave every rank the same gradients: this norm is the same verdict on all ranks.
+                norm = grad_norm.item()
+                if scaler.is_enabled():
+                    scaler.step(optimizer)  # skips by itself on non-finite gradients
+                elif math.isfinite(norm):
+                    optimizer.step()
+                scaler.update()
+                pending.wait()
+                global_loss, stop_requested = shared.tolist()
                 global_loss /= dist.world_size
-                # Gradients are identical on all ranks after the all-reduce, so is their norm; with
-                # fp16 a non-finite gradient is the scaler's overflow, which it skips by itself.
-                finite = math.isfinite(global_loss) and (math.isfinite(norm) or scaler.is_enabled())
-                if finite:
-                    scaler.step(optimizer)
+                # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
+                if math.isfinite(global_loss) and (math.isfinite(norm) or scaler.is_enabled()):
                     consecutive = 0
                 else:
                     skipped += 1
@@ -156,7 +163,6 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
                     if tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips:
                         save(step, skipped, final=False)
                         raise Stopped(_nonfinite_message(step, global_loss, norm, consecutive, tc, save.last_path), 3)
-                scaler.update()
 
                 if step % tc.log_every == 0 or step == total_steps - 1:
                     now = time.perf_counter()
@@ -314,6 +320,12 @@ class _SigtermFlag:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """1 for a finite loss (an exact no-op factor), NaN otherwise: a non-finite loss on one rank
+    then poisons every gradient, and DDP's all-reduce carries that to every rank."""
+    return torch.where(torch.isfinite(loss), 1.0, math.nan).to(loss.dtype)
 
 
 def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
