@@ -111,13 +111,13 @@ def _as_batch(batch):
 def load(cfg: DataConfig) -> Dataset:
     match cfg.name:
         case "synthetic":
-            return _split(*_synthetic_classification(cfg), cfg.val_fraction, cfg.seed)
+            x, y = _synthetic_classification(cfg)
         case "synthetic_regression":
-            return _split(*_synthetic_regression(cfg), cfg.val_fraction, cfg.seed)
+            x, y = _synthetic_regression(cfg)
         case "npz":
-            return _split(*_read_npz(Path(cfg.path)), cfg.val_fraction, cfg.seed)
+            x, y = _read_npz(Path(cfg.path))
         case "digits":
-            return _split(*datasets.read_digits(), cfg.val_fraction, cfg.seed)
+            x, y = datasets.read_digits()
         case "mnist":
             # The official test set is the validation set; data.val_fraction does not apply.
             return Dataset(*_checked_root(cfg, datasets.read_mnist), "classification", 10,
@@ -125,6 +125,7 @@ def load(cfg: DataConfig) -> Dataset:
         case "cifar10":
             return Dataset(*_checked_root(cfg, datasets.read_cifar10), "classification", 10,
                            mean_std=datasets.CIFAR10_MEAN_STD, crop_padding=CROP_PADDING if cfg.augment else 0)
+    return _split(x, y, cfg.val_fraction, cfg.seed)
 
 
 def _checked_root(cfg: DataConfig, reader):

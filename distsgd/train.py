@@ -139,10 +139,10 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
                 shared = torch.stack([loss, sigterm.tensor(dist.device)])
                 pending = torch.distributed.all_reduce(shared, async_op=True)
                 scaler.unscale_(optimizer)
-                grad_norm = _grad_norm(params)
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 if tc.clip_grad_norm is not None:
-                    torch._foreach_mul_([p.grad for p in params if p.grad is not None],
-                                        (tc.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
+                    torch._foreach_mul_(grads, (tc.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
                 # A non-finite loss on any rank made every gradient NaN, and the gradient all-reduce
                 # gave every rank the same gradients: this norm is the same verdict on all ranks.
                 norm = grad_norm.item()
@@ -252,12 +252,13 @@ def _restore(path: Path, config: Config, schedule: optim.Schedule, model, optimi
     missing = [key for key in _TRAINING_STATE if key not in state]
     if missing:
         raise ConfigError(f"checkpoint {path} is not a distsgd training checkpoint (it lacks {', '.join(missing)})")
+    saved_config = OmegaConf.create(state["config"])
     if not config.trainer.resume_override:
-        _check_same_trajectory(path, config, schedule, state)
+        _check_same_trajectory(path, config, schedule, state, saved_config)
     # The config decides the hyperparameters: load_state_dict would bring back the checkpoint's
     # (momentum, betas, ...), silently undoing what resume_override allowed to change.
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    saved_optimizer = OmegaConf.create(state["config"]).optim.name
+    saved_optimizer = saved_config.optim.name
     try:
         model.load_state_dict(state["model"])
         if saved_optimizer == config.optim.name:
@@ -280,12 +281,13 @@ def _restore(path: Path, config: Config, schedule: optim.Schedule, model, optimi
     return {"step": state["step"], "skipped_steps": state["skipped_steps"]}
 
 
-def _check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict) -> None:
+def _check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,
+                           saved_config: DictConfig) -> None:
     def relevant(tree: dict) -> dict:
         flat = flatten(tree)
         return {k: v for k, v in flat.items() if k.startswith(TRAJECTORY_KEYS) and k not in NOT_TRAJECTORY}
 
-    saved = relevant(OmegaConf.to_container(OmegaConf.create(state["config"])))
+    saved = relevant(OmegaConf.to_container(saved_config))
     now = relevant(OmegaConf.to_container(OmegaConf.structured(config)))
     saved["schedule total steps"] = state["scheduler"]["total_steps"]
     now["schedule total steps"] = schedule.total_steps
@@ -330,11 +332,6 @@ def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
 
 def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 @torch.no_grad()
