@@ -1,5 +1,5 @@
-"""Processes: the process group from torchrun's environment, the device of each rank, and
-gradient averaging for the manual all-reduce engine.
+"""Processes: the process group from torchrun's environment, the device of each rank, gradient
+averaging for the manual all-reduce engine, and the per-step values shared with the gradients.
 
 A run outside torchrun still gets a (one-process) process group, so the trainer has a single
 code path whatever the world size.
@@ -129,6 +129,30 @@ def average_gradients(buckets: list[list[torch.nn.Parameter]], world_size: int) 
         work.wait()
         grads = [p.grad for p in bucket]
         torch._foreach_copy_(grads, [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in bucket]), bucket)])
+
+
+class WithStepStats(torch.nn.Module):
+    """The model plus ``stats``, a 2-element parameter whose gradient is [this rank's loss, 1 if
+    this rank must stop]. Averaged over the ranks with the model's gradients, by DDP or by
+    ``average_gradients``, it gives every rank the global loss and whether any rank must stop, at
+    the cost of two floats in a bucket rather than a collective of its own every step.
+    ``stats`` is always 0 and in no optimizer, so the model and its gradients are unchanged."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.stats = torch.nn.Parameter(torch.zeros(2, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def attach(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
+        """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
+        return torch.dot(self.stats, torch.stack([loss.detach(), loss.new_tensor(float(stop))]))
+
+    def read(self, *more: torch.Tensor) -> list[float]:
+        """The averaged [loss, stop] (then ``more``), in one read from the device."""
+        return torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

@@ -93,13 +93,16 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
     # DDP's forward is active while the inner module compiles, so its graph is still split at
     # DDP's bucket boundaries (DDPOptimizer).
-    net = torch.compile(model) if tc.compile else model
+    net = stats = distributed.WithStepStats(torch.compile(model) if tc.compile else model, dist.device)
     if tc.allreduce == "ddp":
-        net = DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        # Gradients as views into DDP's all-reduce buckets: the averaged gradients are not copied
+        # out of the buckets every step (the values are the same).
+        net = DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
         buckets = None
     else:
-        distributed.broadcast_parameters(model)
-        buckets = distributed.make_buckets(list(model.parameters()), int(tc.bucket_mb * 2**20))
+        distributed.broadcast_parameters(net)
+        buckets = distributed.make_buckets(list(net.parameters()), int(tc.bucket_mb * 2**20))
     loss_fn = models.loss_fn(dataset.task)
     autocast = (torch.autocast(dist.device.type, AUTOCAST_DTYPES[tc.precision])
                 if tc.precision in AUTOCAST_DTYPES else nullcontext())
@@ -123,46 +126,34 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
 
                 lr = schedule(step)
                 optim.set_lr(optimizer, lr)
-                optimizer.zero_grad(set_to_none=True)
-                loss = torch.zeros((), device=dist.device)
+                net.zero_grad(set_to_none=True)
                 for i, (xm, ym) in enumerate(zip(x.chunk(tc.accumulate), y.chunk(tc.accumulate))):
                     # DDP all-reduces only with the last micro-batch; the others accumulate locally.
                     sync = i == tc.accumulate - 1 or buckets is not None
                     with (nullcontext() if sync else net.no_sync()), autocast:
                         micro_loss = loss_fn(net(xm), ym) / tc.accumulate
-                    scaler.scale(micro_loss * _nan_unless_finite(micro_loss)).backward()
-                    loss += micro_loss.detach()
+                    (scaler.scale(micro_loss) + stats.attach(micro_loss, sigterm.received)).backward()
                 if buckets is not None:
                     distributed.average_gradients(buckets, dist.world_size)
-                # The global loss and any rank's SIGTERM travel in one small all-reduce, awaited only
-                # after the update so that its latency hides behind the optimizer step.
-                shared = torch.stack([loss, sigterm.tensor(dist.device)])
-                pending = torch.distributed.all_reduce(shared, async_op=True)
                 scaler.unscale_(optimizer)
                 grads = [p.grad for p in params if p.grad is not None]
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 if tc.clip_grad_norm is not None:
                     torch._foreach_mul_(grads, (tc.clip_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
-                # A non-finite loss on any rank made every gradient NaN, and the gradient all-reduce
-                # gave every rank the same gradients: this norm is the same verdict on all ranks.
-                norm = grad_norm.item()
-                if scaler.is_enabled():
-                    scaler.step(optimizer)  # skips by itself on non-finite gradients
-                elif math.isfinite(norm):
-                    optimizer.step()
-                scaler.update()
-                pending.wait()
-                global_loss, stop_requested = shared.tolist()
-                global_loss /= dist.world_size
+                # Averaged with the gradients, these are the same numbers on every rank, and so is
+                # the verdict on the update.
+                global_loss, stop_requested, norm = stats.read(grad_norm)
                 # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
                 if math.isfinite(global_loss) and (math.isfinite(norm) or scaler.is_enabled()):
+                    scaler.step(optimizer)  # optimizer.step(), unless fp16 overflowed
                     consecutive = 0
                 else:
                     skipped += 1
                     consecutive += 1
-                    if tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips:
-                        save(step, skipped, final=False)
-                        raise Stopped(_nonfinite_message(step, global_loss, norm, consecutive, tc, save.last_path), 3)
+                scaler.update()
+                if consecutive and (tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips):
+                    save(step, skipped, final=False)
+                    raise Stopped(_nonfinite_message(step, global_loss, norm, consecutive, tc, save.last_path), 3)
 
                 if step % tc.log_every == 0 or step == total_steps - 1:
                     now = time.perf_counter()
@@ -317,17 +308,8 @@ class _SigtermFlag:
     def _handle(self, signum, frame) -> None:
         self.received = True
 
-    def tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(float(self.received), device=device)
-
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self.previous)
-
-
-def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
-    """1 for a finite loss (an exact no-op factor), NaN otherwise: a non-finite loss on one rank
-    then poisons every gradient, and DDP's all-reduce carries that to every rank."""
-    return torch.where(torch.isfinite(loss), 1.0, math.nan).to(loss.dtype)
 
 
 def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:

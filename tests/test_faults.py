@@ -234,7 +234,7 @@ def test_sigterm_saves_at_the_next_step_and_the_next_launch_resumes_there(refere
     run_dir = tmp_path / "run"
     with Torchrun(run_dir, *LONG) as job:
         job.wait_for_checkpoint(20)
-        # One rank only: the stop is agreed on in the per-step all-reduce, so rank 0, which got
+        # One rank only: the stop is agreed on through the gradient all-reduce, so rank 0, which got
         # no signal, saves the checkpoint and both stop after the same step.
         os.kill(job.workers()[1], signal.SIGTERM)
         code = job.wait(60)
