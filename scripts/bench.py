@@ -16,25 +16,25 @@ DistributedDataParallel. The minimal loop is ``minimal_loop`` below: zero_grad, 
 backward, step, nothing else. Before timing, rank 0 checks that both end with the same
 parameters, i.e. that they really do the same computation.
 
-Method. A round runs distsgd's ``train()`` for N steps and the minimal loop for N steps, the
-order flipping every round (after one untimed warm-up run of each). Both models get the same
-forward pre-hook (installed by wrapping ``models.build``), which records when each training
-forward pass starts; the time between the starts of steps k and k + W, W = ``trainer.log_every``
-= 10 (the default), divided by W, is one sample of the step time. Each such window holds exactly
-one of distsgd's logging steps, so everything a step costs a user is in it (progress bar, logging,
-any per-step collective or host sync), while per-run costs (building the model and DDP, the
-TensorBoard writer, validation before the first and after the last step, the final checkpoint)
-are outside every window. The first window of a run (DDP's first iteration) is dropped.
-Validation inside the run is off (``trainer.val_every`` beyond N). The step time of a contender
-is the median over all its windows: on a shared machine, other processes' bursts land in a
-minority of windows and do not move it. Each round also gives the ratio of the two contenders'
-medians from runs a second or two apart; the median of those ratios is the figure that holds best
-when the machine's load changes during the benchmark (it is printed next to the ratio of the
-overall medians; under a steady load the two agree).
+Method. The two contenders take turns on the machine: distsgd runs in the main thread, the
+minimal loop in a second one, and a baton passed between them lets only one run at a time, W =
+``trainer.log_every`` = 10 (the default) steps per turn. Both models get the same forward
+pre-hook (installed by wrapping ``models.build``), which marks when each training forward pass
+starts and passes the baton every W steps. A turn's time, from the start of its first step to the
+start of the step after its last, divided by W, is one sample of the step time. Each turn holds
+exactly one of distsgd's logging steps, so everything a step costs a user is in it (progress bar,
+logging, any per-step collective or host sync), while per-run costs (building the model and DDP,
+the TensorBoard writer, validation before the first and after the last step, the final
+checkpoint) fall between turns. The first turn of each run (DDP's first iteration) is dropped.
+Validation inside the run is off (``trainer.val_every`` beyond N). Every turn of distsgd is paired
+with the minimal loop's turn next to it, at most a turn apart in time, so the ratio of a pair
+compares the two under the same load; the figure reported is the median of those ratios. A round
+runs N steps of each, and which contender goes first flips every round (after one untimed
+warm-up run of each). The same collectives happen in the same order on every rank, as turns
+change at the same steps everywhere.
 
-Timing is on the host. On CUDA the minimal loop runs ahead of the GPU, but once the launch queue
-is full a window can be no shorter than the GPU work it queues, so both contenders are measured
-at the GPU's pace; use more --steps there. distsgd's progress bar is drawn into /dev/null (still
+Timing is on the host. On CUDA the turn changes after a device synchronize, so a turn neither
+inherits the other's queued work nor leaves its own to it; both are measured at the GPU's pace. distsgd's progress bar is drawn into /dev/null (still
 formatted) to keep the table readable.
 """
 
@@ -46,6 +46,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -75,7 +76,8 @@ JOBS: dict[str, list[str]] = {
                  "model=resnet", "model.depth=20", "optim=momentum"],
 }
 CIFAR_SHAPED_SAMPLES = 4096
-WINDOW = 10  # steps per timing window, = trainer.log_every
+WINDOW = 10  # steps per turn, = trainer.log_every
+CONTENDERS = ("distsgd", "minimal")
 BENCH = [f"trainer.log_every={WINDOW}", "trainer.val_every=1000000000"]
 
 
@@ -109,13 +111,24 @@ def run_distsgd(config: Config, dataset: data.Dataset, dist: distributed.Dist, s
         train(config, dataset, dist, run_dir)
 
 
-class StepClock:
-    """Records when each training forward pass starts, on every model that models.build returns."""
+class Turns:
+    """Lets two contenders, each in its own thread, run WINDOW steps in turn, and times each turn.
 
-    def __init__(self) -> None:
-        self.starts: list[float] = []
+    ``models.build`` is wrapped so that every model it returns (distsgd's train() calls it too)
+    reports the start of each training forward pass to ``_tick``, from the thread of its contender.
+    """
 
-    def __enter__(self) -> "StepClock":
+    def __init__(self, names: tuple[str, str], device: torch.device) -> None:
+        self.names, self.device = names, device
+        self.baton = threading.Condition()
+        self.holder = names[0]
+        self.finished: set[str] = set()
+        self.turns: dict[str, list[float]] = {name: [] for name in names}  # seconds per step
+        self.steps = dict.fromkeys(names, 0)
+        self.started: dict[str, float | None] = dict.fromkeys(names)
+        self.contender: dict[int, str] = {}  # thread id -> name, while a round runs
+
+    def __enter__(self) -> "Turns":
         self._build = models.build
 
         def build(*args, **kwargs):
@@ -123,22 +136,67 @@ class StepClock:
             model.register_forward_pre_hook(self._tick)
             return model
 
-        models.build = build  # distsgd.train calls models.build too
+        models.build = build
         return self
-
-    def _tick(self, module: torch.nn.Module, args) -> None:
-        if module.training:  # not validation
-            self.starts.append(time.perf_counter())
 
     def __exit__(self, *exc) -> None:
         models.build = self._build
 
-    def step_times(self, fn) -> list[float]:
-        """Seconds per step of each whole window of ``fn()``'s steps but the first."""
-        self.starts = []
-        fn()
-        s = self.starts
-        return [(s[k + WINDOW] - s[k]) / WINDOW for k in range(WINDOW, len(s) - WINDOW, WINDOW)]
+    def run(self, first: str, fns: dict[str, callable]) -> dict[str, list[float]]:
+        """Run both ``fns`` to the end, ``first`` starting; the step time of each turn but the first."""
+        self.holder, self.finished = first, set()
+        self.turns = {name: [] for name in self.names}
+        self.steps = dict.fromkeys(self.names, 0)
+        self.started = dict.fromkeys(self.names)
+        errors: list[BaseException] = []
+        main, other = self.names
+        thread = threading.Thread(target=self._contend, args=(other, fns[other], errors))
+        thread.start()
+        self._contend(main, fns[main], errors)  # distsgd in the main thread: it installs a signal handler
+        thread.join()
+        if errors:
+            raise errors[0]
+        return {name: turns[1:] for name, turns in self.turns.items()}
+
+    def _contend(self, name: str, fn, errors: list[BaseException]) -> None:
+        self.contender[threading.get_ident()] = name
+        with self.baton:
+            self.baton.wait_for(lambda: self.holder == name)
+        try:
+            fn()
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            del self.contender[threading.get_ident()]
+            with self.baton:
+                self.finished.add(name)
+                self.holder = self._other(name)
+                self.baton.notify_all()
+
+    def _other(self, name: str) -> str:
+        return self.names[1 - self.names.index(name)]
+
+    def _tick(self, module: torch.nn.Module, args) -> None:
+        name = self.contender.get(threading.get_ident())
+        if name is None or not module.training:  # outside a round, or validation
+            return
+        self.steps[name] += 1
+        if (self.steps[name] - 1) % WINDOW:
+            return
+        self._synchronize()
+        if self.started[name] is not None:
+            self.turns[name].append((time.perf_counter() - self.started[name]) / WINDOW)
+        with self.baton:
+            if self._other(name) not in self.finished:
+                self.holder = self._other(name)
+                self.baton.notify_all()
+                self.baton.wait_for(lambda: self.holder == name)
+        self._synchronize()
+        self.started[name] = time.perf_counter()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def compose_config(job: str, device: str | None, overrides: list[str], tmp: Path) -> Config:
@@ -169,7 +227,7 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
     out(f"{dist.world_size} process(es) on {dist.device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s) each; global batch {config.data.global_batch_size}; "
         f"{args.rounds} rounds of {args.steps} steps each")
-    with tempfile.TemporaryDirectory(prefix="distsgd-bench-") as tmp, StepClock() as clock:
+    with tempfile.TemporaryDirectory(prefix="distsgd-bench-") as tmp, Turns(CONTENDERS, dist.device) as turns:
         run_dirs = (Path(tmp) / f"run{i}" for i in range(10**9))
         contenders = {
             "distsgd": lambda: run_distsgd(config, dataset, dist, args.steps, next(run_dirs)),
@@ -182,31 +240,33 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
         if dist.is_main:
             out(f"final parameters after {args.steps} steps, minimal vs distsgd: {compare(model, check_dir)}")
 
-        times: dict[str, list[float]] = {name: [] for name in contenders}  # all windows, in seconds/step
-        ratios: list[float] = []
+        times: dict[str, list[float]] = {name: [] for name in CONTENDERS}  # all turns, in seconds/step
+        ratios: list[float] = []  # distsgd/minimal of adjacent turns
         out(f"\n{'round':>6}  {'distsgd ms/step':>15}  {'minimal ms/step':>15}  {'ratio':>6}")
         for r in range(args.rounds):
-            this_round = {}
-            for name in (contenders if r % 2 == 0 else reversed(contenders)):
-                torch.distributed.barrier()
-                this_round[name] = clock.step_times(contenders[name])
+            torch.distributed.barrier()
+            this_round = turns.run(CONTENDERS[r % 2], contenders)
+            for name in CONTENDERS:
                 times[name] += this_round[name]
-            d, m = (1e3 * statistics.median(this_round[name]) for name in contenders)
-            ratios.append(d / m)
-            out(f"{r:>6}  {d:>15.3f}  {m:>15.3f}  {d / m:>6.3f}")
+            pairs = [d / m for d, m in zip(this_round["distsgd"], this_round["minimal"])]
+            ratios += pairs
+            d, m = (1e3 * statistics.median(this_round[name]) for name in CONTENDERS)
+            out(f"{r:>6}  {d:>15.3f}  {m:>15.3f}  {statistics.median(pairs):>6.3f}")
 
-    d, m = (1e3 * statistics.median(times[name]) for name in contenders)
-    out(f"{'all':>6}  {d:>15.3f}  {m:>15.3f}  {d / m:>6.3f}   (medians of {len(times['distsgd'])} windows each)")
+    d, m = (1e3 * statistics.median(times[name]) for name in CONTENDERS)
+    out(f"{'all':>6}  {d:>15.3f}  {m:>15.3f}  {statistics.median(ratios):>6.3f}   "
+        f"(medians of {len(times['distsgd'])} turns each)")
     per_s = lambda ms: config.data.global_batch_size / (ms / 1e3)  # noqa: E731
     out(f"\nsamples/s (global): distsgd {per_s(d):,.0f}, minimal {per_s(m):,.0f}")
-    out(f"distsgd/minimal: {statistics.median(ratios):.3f} median of the rounds' ratios, "
-        f"{d / m:.3f} ratio of the overall medians (target <= 1.03)")
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    out(f"distsgd/minimal: {statistics.median(ratios):.3f} median of {len(ratios)} paired turns' ratios "
+        f"(quartiles {q1:.3f}-{q3:.3f}), {d / m:.3f} ratio of the overall medians (target <= 1.03)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", choices=sorted(JOBS), default="mlp")
-    parser.add_argument("--steps", type=int, default=100, help="steps per run (at least 3 windows of 10)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per run (at least 3 turns of 10)")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="trainer.device (default: the config's)")
