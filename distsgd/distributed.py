@@ -142,17 +142,21 @@ class WithStepStats(torch.nn.Module):
         super().__init__()
         self.model = model
         self.stats = torch.nn.Parameter(torch.zeros(2, device=device))
+        self._stop = torch.tensor([0.0, 1.0], device=device)  # made once: a new tensor per step costs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def attach(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
         """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
-        return torch.dot(self.stats, torch.stack([loss.detach(), loss.new_tensor(float(stop))]))
+        return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)]]))
 
     def read(self, *more: torch.Tensor) -> list[float]:
-        """The averaged [loss, stop] (then ``more``), in one read from the device."""
-        return torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
+        """The averaged [loss, stop] (then ``more``), in one read from the device; then clears
+        ``stats.grad`` for the next step."""
+        values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
+        self.stats.grad = None
+        return values
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

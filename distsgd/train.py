@@ -126,7 +126,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
 
                 lr = schedule(step)
                 optim.set_lr(optimizer, lr)
-                net.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 for i, (xm, ym) in enumerate(zip(x.chunk(tc.accumulate), y.chunk(tc.accumulate))):
                     # DDP all-reduces only with the last micro-batch; the others accumulate locally.
                     sync = i == tc.accumulate - 1 or buckets is not None
