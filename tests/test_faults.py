@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import REPO, assert_params_close, final_params, launch, make_config, read_scalars
 
-from distsgd import checkpoint, data
+from distsgd import checkpoint, data, models
 from distsgd.config import to_config
 from distsgd.train import Stopped, main, run
 
@@ -183,6 +183,15 @@ def test_a_two_process_checkpoint_resumes_on_one_process(reference, tmp_path):
     assert_params_close(final_params(tmp_path), final_params(reference), rtol=1e-5)
 
 
+def test_a_one_process_checkpoint_resumes_on_two_processes(reference, tmp_path):
+    alone = tmp_path / "alone"
+    run(make_config(*LONG), alone)
+    done = launch(tmp_path / "two", *LONG, f"trainer.resume={alone / 'checkpoints/step_00000240.pt'}", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)["world_size"] == 2
+    assert_params_close(final_params(tmp_path / "two"), final_params(reference), rtol=1e-5)
+
+
 # ---------------------------------------------------------------- dead and terminated workers
 
 
@@ -336,6 +345,45 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank_then_stops_the_run(nan_data,
                                f"(or trainer.clip_grad_norm)")
     assert_bitwise_equal(checkpoint.load(stopped / "checkpoints/step_00000003.pt")["model"],
                          checkpoint.load(alone / "checkpoints/step_00000003.pt")["model"])
+
+
+@pytest.fixture
+def overflowing_gradient(monkeypatch):
+    """Models whose first parameter gets an infinite gradient at the steps in the returned set,
+    from a finite loss: the overflow fp32 can meet in a backward pass."""
+    steps: set[int] = set()
+    build = models.build
+
+    def build_with_hook(*args, **kwargs):
+        model = build(*args, **kwargs)
+        backward_passes = iter(range(10**9))
+        first = next(model.parameters())
+        first.register_hook(lambda grad: grad + math.inf if next(backward_passes) in steps else grad)
+        return model
+
+    monkeypatch.setattr(models, "build", build_with_hook)
+    return steps
+
+
+def test_a_non_finite_gradient_from_a_finite_loss_is_skipped(overflowing_gradient, tmp_path):
+    overflowing_gradient.update({4, 7})
+    overrides = ["data.num_samples=256", "data.global_batch_size=32", "model.width=8", "trainer.max_steps=10",
+                 "optim=momentum", "trainer.log_every=1", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=100"]
+    run(make_config(*overrides), tmp_path / "skip")
+    curves = read_scalars(tmp_path / "skip")
+    assert all(math.isfinite(v) for _, v in curves["train/loss"])
+    assert [s for s, v in curves["train/grad_norm"] if not math.isfinite(v)] == [4, 7]
+    assert [v for _, v in curves["train/skipped_steps"]] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    saved = {step: checkpoint.load(checkpoint.step_path(tmp_path / "skip/checkpoints", step)) for step in (4, 5, 6)}
+    # Step 4 (the 5th update) left the model and the momentum buffers as they were; step 5 moved them.
+    assert_bitwise_equal(saved[4]["model"], saved[5]["model"])
+    momentum = {step: {i: s["momentum_buffer"] for i, s in saved[step]["optimizer"]["state"].items()} for step in saved}
+    assert_bitwise_equal(momentum[4], momentum[5])
+    assert not any(torch.equal(saved[5]["model"][k], saved[6]["model"][k]) for k in saved[5]["model"])
+
+    with pytest.raises(Stopped) as stop:
+        run(make_config(*overrides, "trainer.nonfinite=stop"), tmp_path / "stop")
+    assert str(stop.value).startswith("non-finite gradient norm inf at step 4; stopped after trainer.nonfinite=stop")
 
 
 # ---------------------------------------------------------------- bad invocations
