@@ -96,8 +96,10 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load(path: Path) -> dict:
-    return _read(path)
+def load(path: Path, verified: bool = False) -> dict:
+    """The checkpoint at ``path``, checked against its sidecar first unless ``verified`` says
+    that was done moments ago (a second full read of a large file buys nothing)."""
+    return _read(path, check=not verified)
 
 
 def find_latest_valid(directory: Path) -> Path | None:
@@ -176,8 +178,8 @@ def _check_plain(value: object, where: str = "state") -> None:
                           f"or plain value (dict, list, tuple, str, int, float, bool, None); convert it first")
 
 
-def _read(path: Path, mmap: bool = False) -> dict:
-    reason = verify(path)
+def _read(path: Path, mmap: bool = False, check: bool = True) -> dict:
+    reason = verify(path) if check else None
     if reason is not None:
         raise ConfigError(f"checkpoint {path}: {reason}")
     try:

@@ -53,16 +53,17 @@ class Stopped(Exception):
 def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
     """Train as the config says, writing into ``run_dir``; returns the final metrics."""
     config = cfg if isinstance(cfg, Config) else to_config(cfg)
-    # Everything a user can get wrong is checked before the process group exists, so that a bad
-    # input stops every rank the same way instead of leaving some waiting in a collective.
+    # What a user can get wrong is checked before the process group exists, or else decided by
+    # rank 0 and shared, so that a bad input stops every rank the same way instead of leaving some
+    # waiting in a collective.
     dataset = data.load(config.data)
     checkpoint.check_writable(run_dir / "checkpoints")
-    resume_from = _checkpoint_to_resume(config.trainer, run_dir / "checkpoints")
     dist = distributed.init(config.trainer.device, config.trainer.collective_timeout_s)
     try:
         _quiet_console_unless_main(dist)
-        # Rank 0's choice binds all: a checkpoint appearing mid-scan must not split the ranks.
-        resume_from = distributed.broadcast_object(resume_from)
+        # Only rank 0 reads and hashes the candidate checkpoints (they can be GBs); its choice, or
+        # its error, binds all ranks, so none can pick another file or fail alone.
+        resume_from = _decided_by_rank0(lambda: _checkpoint_to_resume(config.trainer, run_dir / "checkpoints"), dist)
         dataset = dataset.place(dist.device, config.data.in_memory, config.data.num_workers)
         return train(config, dataset, dist, run_dir, resume_from)
     finally:
@@ -71,6 +72,8 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
 
 def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
           resume_from: Path | None = None) -> dict[str, float]:
+    """The training run on a joined process group; ``resume_from`` is a checkpoint that rank 0
+    has verified (``run`` chooses it)."""
     tc = config.trainer
     global_batch = config.data.global_batch_size
     batch = data.local_batch_size(global_batch, dist.world_size, tc.accumulate)
@@ -216,6 +219,20 @@ class _Saver:
         torch.distributed.barrier()
 
 
+def _decided_by_rank0(decide, dist: Dist):
+    """``decide()`` run on rank 0 only; every rank returns its value, or raises its ConfigError."""
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = (decide(), None)
+        except ConfigError as err:
+            outcome = (None, str(err))
+    value, error = distributed.broadcast_object(outcome)
+    if error is not None:
+        raise ConfigError(error)
+    return value
+
+
 def _checkpoint_to_resume(tc, directory: Path) -> Path | None:
     match tc.resume:
         case "never":
@@ -238,7 +255,7 @@ _TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_s
 
 
 def _restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
-    state = checkpoint.load(path)
+    state = checkpoint.load(path, verified=dist.is_main)  # rank 0 hashed it just now, choosing it
     # checkpoint.load vouches for "model" and "step" only; a foreign file could still lack the rest.
     missing = [key for key in _TRAINING_STATE if key not in state]
     if missing:

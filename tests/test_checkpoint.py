@@ -156,6 +156,17 @@ def test_missing_file_and_missing_sidecar_are_reported(tmp_path):
         load(path)
 
 
+def test_a_load_after_verification_reads_the_file_once_and_still_refuses_bad_content(tmp_path):
+    path = step_path(tmp_path, 5)
+    save(ckpt(5), path)
+    (tmp_path / "step_00000005.pt.sha256").write_text("0" * 64 + "  step_00000005.pt\n")  # would fail verify
+    assert verify(path) == MISMATCH
+    assert load(path, verified=True)["step"] == 5
+    save({"weights": torch.ones(1)}, path)
+    with pytest.raises(ConfigError, match="not a distsgd checkpoint"):
+        load(path, verified=True)
+
+
 @pytest.fixture
 def three(tmp_path) -> Path:
     for step in (10, 20, 30):

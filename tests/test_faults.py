@@ -192,6 +192,29 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(reference, tmp_path):
     assert_params_close(final_params(tmp_path / "two"), final_params(reference), rtol=1e-5)
 
 
+def test_rank0_alone_chooses_the_checkpoint_and_its_choice_or_error_binds_every_rank(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    for name in ("last.pt", "step_00000280.pt"):
+        with open(run_dir / "checkpoints" / name, "r+b") as f:
+            f.truncate(1000)
+    done = launch(run_dir, *LONG, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert resumed_at(run_dir, 0) == resumed_at(run_dir, 1) == [("step_00000260.pt", 260)]
+    # Only rank 0 read the candidates, so only its log tells of the two it skipped.
+    assert (run_dir / "rank0.log").read_text().count("checksum mismatch") == 2
+    assert "checksum mismatch" not in (run_dir / "rank1.log").read_text()
+    assert_bitwise_equal(final_params(run_dir), final_params(reference))
+
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+    failed = launch(run_dir, *LONG, nproc=2)
+    message = f"distsgd: error: no valid checkpoint in {run_dir / 'checkpoints'}"
+    assert failed.returncode != 0 and failed.stderr.count(message) == 2, failed.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- dead and terminated workers
 
 
