@@ -34,8 +34,8 @@ warm-up run of each). The same collectives happen in the same order on every ran
 change at the same steps everywhere.
 
 Timing is on the host. On CUDA the turn changes after a device synchronize, so a turn neither
-inherits the other's queued work nor leaves its own to it; both are measured at the GPU's pace. distsgd's progress bar is drawn into /dev/null (still
-formatted) to keep the table readable.
+inherits the other's queued work nor leaves its own to it; both are measured at the GPU's pace.
+distsgd's progress bar is drawn into /dev/null (still formatted) to keep the table readable.
 """
 
 from __future__ import annotations
@@ -120,13 +120,8 @@ class Turns:
     """
 
     def __init__(self, names: tuple[str, str], device: torch.device) -> None:
-        self.names, self.device = names, device
+        self.names, self.device = names, device  # names[0] runs in the main thread
         self.baton = threading.Condition()
-        self.holder = names[0]
-        self.finished: set[str] = set()
-        self.turns: dict[str, list[float]] = {name: [] for name in names}  # seconds per step
-        self.steps = dict.fromkeys(names, 0)
-        self.started: dict[str, float | None] = dict.fromkeys(names)
         self.contender: dict[int, str] = {}  # thread id -> name, while a round runs
 
     def __enter__(self) -> "Turns":
@@ -146,9 +141,9 @@ class Turns:
     def run(self, first: str, fns: dict[str, callable]) -> dict[str, list[float]]:
         """Run both ``fns`` to the end, ``first`` starting; the step time of each turn but the first."""
         self.holder, self.finished = first, set()
-        self.turns = {name: [] for name in self.names}
+        self.turns: dict[str, list[float]] = {name: [] for name in self.names}  # seconds per step
         self.steps = dict.fromkeys(self.names, 0)
-        self.started = dict.fromkeys(self.names)
+        self.started: dict[str, float | None] = dict.fromkeys(self.names)
         errors: list[BaseException] = []
         main, other = self.names
         thread = threading.Thread(target=self._contend, args=(other, fns[other], errors))

@@ -25,3 +25,16 @@ def test_console_script_runs_a_multirun_sweep(tmp_path):
         assert read_scalars(run_dir)["train/lr"][0][1] == pytest.approx(lr, rel=1e-7)  # stored as float32
         events = next((run_dir / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
         assert b"_hparams_/session_start_info" in events and b"optim.lr" in events
+
+
+def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(tmp_path):
+    # Not a timing test: the benchmark's figures are only read by people; this keeps it working.
+    done = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--steps", "30", "--rounds", "2", "data.num_samples=2048"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final parameters after 30 steps, minimal vs distsgd: identical" in done.stdout
+    # Turns of 30 steps start at steps 0, 10 and 20; a turn is timed up to the start of the next
+    # one, so 2 per run are, and the first is dropped: 1 pair in each of 2 rounds.
+    assert "median of 2 paired turns' ratios (95% interval" in done.stdout, done.stdout
