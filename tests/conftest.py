@@ -33,8 +33,7 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 120)
     else:
         cmd = [sys.executable]
     cmd += ["-m", "distsgd.train", f"hydra.run.dir={run_dir}", *overrides]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,11 +53,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What torchrun sets for its workers: a test must not inherit it from the shell that started pytest.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 @pytest.fixture(autouse=True)
 def _single_process_env(monkeypatch):
-    # In-process runs must not pick up a torchrun environment from the shell that started pytest.
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+    for var in TORCHRUN_VARS:
         monkeypatch.delenv(var, raising=False)
+
+
+def subprocess_env(*also_drop: str) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, without torchrun's variables."""
+    return {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS + also_drop}
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_scalars
+from conftest import REPO, read_scalars, subprocess_env
 
 
 def test_console_script_runs_a_multirun_sweep(tmp_path):
@@ -17,7 +16,7 @@ def test_console_script_runs_a_multirun_sweep(tmp_path):
         [str(script), "-m", "optim.lr=0.05,0.5", f"hydra.sweep.dir={tmp_path}", "trainer.max_steps=6",
          "trainer.log_every=5", "data.num_samples=256"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")})
+        env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     for job, lr in (("0", 0.05), ("1", 0.5)):
         run_dir = tmp_path / job
@@ -32,7 +31,7 @@ def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(tmp_pat
     done = subprocess.run(
         [sys.executable, "scripts/bench.py", "--steps", "30", "--rounds", "2", "data.num_samples=2048"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")})
+        env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final parameters after 30 steps, minimal vs distsgd: identical" in done.stdout
     # Turns of 30 steps start at steps 0, 10 and 20; a turn is timed up to the start of the next

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_params_close, final_params, launch, make_config, read_scalars
+from conftest import REPO, assert_params_close, final_params, launch, make_config, read_scalars, subprocess_env
+from test_checkpoint import truncate
 
 from distsgd import checkpoint, data, models
 from distsgd.config import to_config
@@ -66,9 +67,8 @@ class Torchrun:
         self.log = run_dir.parent / f"{run_dir.name}.torchrun.out"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                f"--max-restarts={max_restarts}", "-m", "distsgd.train", f"hydra.run.dir={run_dir}", *overrides]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK")}
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
         self.run_id: str | None = None
         self.seen: set[int] = set()  # every worker pid of every attempt
 
@@ -196,8 +196,7 @@ def test_rank0_alone_chooses_the_checkpoint_and_its_choice_or_error_binds_every_
     run_dir = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
     for name in ("last.pt", "step_00000280.pt"):
-        with open(run_dir / "checkpoints" / name, "r+b") as f:
-            f.truncate(1000)
+        truncate(run_dir / "checkpoints" / name)
     done = launch(run_dir, *LONG, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert resumed_at(run_dir, 0) == resumed_at(run_dir, 1) == [("step_00000260.pt", 260)]
@@ -208,8 +207,7 @@ def test_rank0_alone_chooses_the_checkpoint_and_its_choice_or_error_binds_every_
 
     (run_dir / "checkpoints" / "last.pt").unlink()
     for path in (run_dir / "checkpoints").glob("step_*.pt"):
-        with open(path, "r+b") as f:
-            f.truncate(1000)
+        truncate(path)
     failed = launch(run_dir, *LONG, nproc=2)
     message = f"distsgd: error: no valid checkpoint in {run_dir / 'checkpoints'}"
     assert failed.returncode != 0 and failed.stderr.count(message) == 2, failed.stderr[-3000:]
@@ -566,9 +564,7 @@ def test_bad_invocations_as_real_processes(bad_files, tmp_path):
     cases = [("copy", ["+trainer.max_stepz=5"], "distsgd: error: unknown config key(s) trainer.max_stepz"),
              ("copy", [f"trainer.resume={files}/custom.pt"], "refusing to unpickle it"),
              ("file", [], "checkpoints is not writable")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK",
-                                                            "HYDRA_FULL_ERROR")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**subprocess_env("HYDRA_FULL_ERROR"), "OMP_NUM_THREADS": "1"}
     watched = (bad_files["good"], files)
     before = _hashes(*watched)
     started, places = [], []
