@@ -11,11 +11,17 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+
+# conf/, the one copy of every config (absolute: Hydra reads a relative config_path as a package
+# path when the entry point is the console script rather than `python -m`).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -164,7 +170,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: Optional[int] = 200
+    # The run ends at whichever comes first; with neither set, after 200 steps.
+    max_steps: Optional[int] = None
     max_epochs: Optional[int] = None
     seed: int = 0
     device: str = "auto"
@@ -191,8 +198,6 @@ class TrainerConfig:
     max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.max_steps is not None or self.max_epochs is not None,
-               "trainer.max_steps", "set when trainer.max_epochs is null", self.max_steps)
         if self.max_steps is not None:
             _check_positive("trainer.max_steps", self.max_steps)
         if self.max_epochs is not None:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from distsgd import datasets
+from distsgd import readers, transforms
 from distsgd.config import ConfigError, DataConfig
 from distsgd.distributed import Dist
 
@@ -34,8 +34,9 @@ class Dataset:
     y_val: torch.Tensor
     task: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
     num_outputs: int  # classes, or regression targets per sample
-    # Images stay uint8 until a batch is on its device; then crop/flip (training) and normalize.
-    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # Images stay uint8 until a batch is on its device; then crop/flip (training) and normalize
+    # by these per-channel statistics (tensors on the device once ``place`` has run).
+    mean_std: tuple | None = None
     crop_padding: int = 0
     # None: the tensors live on the training device. Else they stay in host memory and a
     # DataLoader with this many workers gathers batches into pinned memory.
@@ -51,10 +52,11 @@ class Dataset:
 
     def place(self, device: torch.device, in_memory: bool, num_workers: int) -> "Dataset":
         """Hold the tensors on the training device, or keep them in (pinned) host memory for a DataLoader."""
+        mean_std = None if self.mean_std is None else transforms.mean_std_on(device, self.mean_std)
         if not in_memory:
-            return replace(self, stream_workers=num_workers)
+            return replace(self, stream_workers=num_workers, mean_std=mean_std)
         return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
-                       x_val=self.x_val.to(device), y_val=self.y_val.to(device))
+                       x_val=self.x_val.to(device), y_val=self.y_val.to(device), mean_std=mean_std)
 
     def train_batches(self, epoch: int, first: int, steps: int, batch: int, dist: Dist,
                       seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -64,7 +66,7 @@ class Dataset:
         slices = [order[k * batch:(k + 1) * batch] for k in range(first, steps)]
         crop = None
         if self.crop_padding:
-            crop = [t.to(dist.device) for t in datasets.crop_flip_params(len(self.x_train), self.crop_padding, seed, epoch)]
+            crop = [t.to(dist.device) for t in transforms.crop_flip_params(len(self.x_train), self.crop_padding, seed, epoch)]
         if self.stream_workers is not None:
             loader = DataLoader(_Rows(self.x_train, self.y_train), batch_sampler=[s.tolist() for s in slices],
                                 num_workers=self.stream_workers, collate_fn=_as_batch,
@@ -76,7 +78,7 @@ class Dataset:
         for idx, x, y in batches:
             if crop is not None:
                 idx = idx.to(dist.device)
-                x = datasets.random_crop_flip(x, crop[0][idx], crop[1][idx], crop[2][idx], self.crop_padding)
+                x = transforms.random_crop_flip(x, crop[0][idx], crop[1][idx], crop[2][idx], self.crop_padding)
             yield self._prepare(x, dist.device), y
 
     def val_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ class Dataset:
 
     def _prepare(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         if self.mean_std is not None:
-            x = datasets.normalize(x, *self.mean_std)
+            x = transforms.normalize(x, *self.mean_std)
         return x.contiguous(memory_format=self.memory_format(device)) if x.dim() == 4 else x
 
 
@@ -117,14 +119,14 @@ def load(cfg: DataConfig) -> Dataset:
         case "npz":
             x, y = _read_npz(Path(cfg.path))
         case "digits":
-            x, y = datasets.read_digits()
+            x, y = readers.read_digits()
         case "mnist":
             # The official test set is the validation set; data.val_fraction does not apply.
-            return Dataset(*_checked_root(cfg, datasets.read_mnist), "classification", 10,
-                           mean_std=datasets.MNIST_MEAN_STD)
+            return Dataset(*_checked_root(cfg, readers.read_mnist), "classification", 10,
+                           mean_std=transforms.MNIST_MEAN_STD)
         case "cifar10":
-            return Dataset(*_checked_root(cfg, datasets.read_cifar10), "classification", 10,
-                           mean_std=datasets.CIFAR10_MEAN_STD, crop_padding=CROP_PADDING if cfg.augment else 0)
+            return Dataset(*_checked_root(cfg, readers.read_cifar10), "classification", 10,
+                           mean_std=transforms.CIFAR10_MEAN_STD, crop_padding=CROP_PADDING if cfg.augment else 0)
     return _split(x, y, cfg.val_fraction, cfg.seed)
 
 

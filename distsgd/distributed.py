@@ -1,5 +1,5 @@
-"""Processes: the process group from torchrun's environment, the device of each rank, gradient
-averaging for the manual all-reduce engine, and the per-step values shared with the gradients.
+"""Processes: the process group from torchrun's environment, the device of each rank, the
+collectives the trainer uses, and gradient averaging for the manual all-reduce engine.
 
 A run outside torchrun still gets a (one-process) process group, so the trainer has a single
 code path whatever the world size.
@@ -97,6 +97,21 @@ def broadcast_object(value):
     return holder[0]
 
 
+def decided_by_rank0(decide):
+    """``decide()`` run on rank 0 only; every rank returns its value, or raises its ConfigError, so
+    that no rank can act on another answer or fail alone."""
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = (decide(), None)
+        except ConfigError as err:
+            outcome = (None, str(err))
+    value, error = broadcast_object(outcome)
+    if error is not None:
+        raise ConfigError(error)
+    return value
+
+
 def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
     """Group parameters (same dtype, in order) into buckets of about ``bucket_bytes``."""
     buckets: list[list[torch.nn.Parameter]] = []
@@ -129,34 +144,6 @@ def average_gradients(buckets: list[list[torch.nn.Parameter]], world_size: int) 
         work.wait()
         grads = [p.grad for p in bucket]
         torch._foreach_copy_(grads, [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in bucket]), bucket)])
-
-
-class WithStepStats(torch.nn.Module):
-    """The model plus ``stats``, a 2-element parameter whose gradient is [this rank's loss, 1 if
-    this rank must stop]. Averaged over the ranks with the model's gradients, by DDP or by
-    ``average_gradients``, it gives every rank the global loss and whether any rank must stop, at
-    the cost of two floats in a bucket rather than a collective of its own every step.
-    ``stats`` is always 0 and in no optimizer, so the model and its gradients are unchanged."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        super().__init__()
-        self.model = model
-        self.stats = torch.nn.Parameter(torch.zeros(2, device=device))
-        self._stop = torch.tensor([0.0, 1.0], device=device)  # made once: a new tensor per step costs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def attach(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
-        """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
-        return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)]]))
-
-    def read(self, *more: torch.Tensor) -> list[float]:
-        """The averaged [loss, stop] (then ``more``), in one read from the device; then clears
-        ``stats.grad`` for the next step."""
-        values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
-        self.stats.grad = None
-        return values
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -67,3 +70,35 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+class Throughput:
+    """Training samples per second between logged steps; time spent validating is left out."""
+
+    def __init__(self, first_step: int) -> None:
+        # A resumed run has trained from first_step on, not after it, when it first logs.
+        self.last_step, self.last_time = first_step - 1, time.perf_counter()
+        self.excluded = 0.0
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+    def samples_per_sec(self, step: int, samples_per_step: int) -> float | None:
+        """Since the last call (None at step 0: its time is mostly start-up)."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) * samples_per_step / (now - self.last_time - self.excluded) if step else None
+        self.last_step, self.last_time, self.excluded = step, now, 0.0
+        return rate
+
+
+def quiet_console(is_main: bool) -> None:
+    """Rank 0 alone talks on the console; every rank keeps everything in its own log file. Records
+    logged with ``extra={"file_only": True}`` (stopping.FILE_ONLY) stay off the console."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # the console; FileHandler is a subclass
+            handler.addFilter(lambda record: is_main and not getattr(record, "file_only", False))

@@ -10,6 +10,7 @@ from conftest import CONF, make_config
 
 from distsgd import data, models, optim
 from distsgd.config import ConfigError, to_config
+from distsgd.train import Plan
 
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
            for group in ("data", "model", "optim", "schedule", "trainer", "experiment")}
@@ -69,9 +70,16 @@ def test_bad_values_name_the_key(override, message):
         to_config(make_config(override))
 
 
-def test_unset_lengths_are_an_error():
-    with pytest.raises(ConfigError, match="trainer.max_steps must be set when trainer.max_epochs is null"):
-        to_config(make_config("trainer.max_steps=null", "trainer.max_epochs=null"))
+@pytest.mark.parametrize("overrides,steps", [
+    ((), 200),  # neither set: the default length
+    (("trainer.max_epochs=15",), 15 * 51),  # max_epochs alone is not cut short by a default max_steps
+    (("trainer.max_steps=30",), 30),
+    (("trainer.max_epochs=15", "trainer.max_steps=30"), 30),  # whichever ends first
+    (("trainer.max_epochs=1", "trainer.max_steps=300"), 51),
+])
+def test_run_length_is_what_was_set(overrides, steps):
+    # 4096 samples, 20% for validation, global batch 64: 51 steps per epoch.
+    assert Plan.of(to_config(make_config(*overrides)), 3277, world_size=1).total_steps == steps
 
 
 @pytest.mark.parametrize("override,message", [

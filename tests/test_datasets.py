@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distsgd.config import ConfigError
-from distsgd.datasets import (CIFAR10_MEAN_STD, MNIST_MEAN_STD, crop_flip_params, normalize, random_crop_flip,
-                              read_cifar10, read_digits, read_mnist)
+from distsgd.readers import read_cifar10, read_digits, read_mnist
+from distsgd.transforms import CIFAR10_MEAN_STD, MNIST_MEAN_STD, crop_flip_params, normalize, random_crop_flip
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]

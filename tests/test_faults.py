@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,13 @@ TOTAL = 300
 
 
 # ---------------------------------------------------------------- processes
+
+
+def torchrun_report(output: str) -> tuple[str, str]:
+    """(what the workers printed, torchrun's failure report) of a failed torchrun job's output."""
+    workers, marker, report = output.partition("ChildFailedError")
+    assert marker, output[-3000:]
+    return workers, report
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -210,7 +218,12 @@ def test_rank0_alone_chooses_the_checkpoint_and_its_choice_or_error_binds_every_
         truncate(path)
     failed = launch(run_dir, *LONG, nproc=2)
     message = f"distsgd: error: no valid checkpoint in {run_dir / 'checkpoints'}"
-    assert failed.returncode != 0 and failed.stderr.count(message) == 2, failed.stderr[-3000:]
+    workers, report = torchrun_report(failed.stderr)
+    # Printed once by rank 0, and shown as the root cause instead of a traceback.
+    assert failed.returncode != 0 and workers.count(message) == 1, failed.stderr[-3000:]
+    assert message in report.partition("Root Cause")[2], report
+    for rank in (0, 1):
+        assert message.removeprefix("distsgd: ") in (run_dir / f"rank{rank}.log").read_text()
 
 
 # ---------------------------------------------------------------- dead and terminated workers
@@ -270,18 +283,24 @@ def test_sigterm_saves_at_the_next_step_and_the_next_launch_resumes_there(refere
         code = job.wait(60)
         output = job.output()
     assert code != 0
-    stops = re.findall(r"distsgd: stopped by SIGTERM after step (\d+); saved (\S+); launch the same command "
-                       r"again to resume", output)
-    assert stops, output[-3000:]
-    step = int(stops[0][0])
-    assert all(s == (str(step), str(run_dir / "checkpoints" / f"step_{step:08d}.pt")) for s in stops)
+    workers, report = torchrun_report(output)
+    stops = re.findall(r"distsgd: stopped by SIGTERM after step (\d+); saved (\S+); to resume, run: (.*)", workers)
+    assert len(stops) == 1, output[-3000:]  # rank 0 alone prints it
+    step, path, command = int(stops[0][0]), stops[0][1], stops[0][2]
+    assert path == str(run_dir / "checkpoints" / f"step_{step:08d}.pt")
+    assert f"stopped by SIGTERM after step {step}" in report.partition("Root Cause")[2]
     assert 20 < step < TOTAL
     assert re.search(r"exitcode\s*: 143", output), output[-3000:]
     saved = run_dir / "checkpoints" / f"step_{step:08d}.pt"
     assert checkpoint.verify(saved) is None and checkpoint.load(saved)["step"] == step
     assert not (run_dir / "checkpoints" / "last.pt").exists()
 
-    done = launch(run_dir, *LONG, nproc=2)
+    # The printed command, as a user would paste it (from another folder): it resumes this run
+    # (torchrun's new run id would otherwise make a new run directory).
+    args = shlex.split(command)
+    assert args[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"], command
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args[1:]], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert resumed_at(run_dir, rank) == [(saved.name, step)]
@@ -468,7 +487,7 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("copy", ["trainer.max_consecutive_skips=-1"], "trainer.max_consecutive_skips must be >= 0, got -1"),
         ("copy", ["data.val_fraction=1.0"], "data.val_fraction must be in [0, 1), got 1.0"),
         ("copy", ["trainer.nonfinite=ignore"], "trainer.nonfinite must be one of skip|stop, got 'ignore'"),
-        ("copy", ["trainer.max_steps=null"], "trainer.max_steps must be set when trainer.max_epochs is null"),
+        ("copy", ["trainer.max_epochs=0"], "trainer.max_epochs must be > 0, got 0"),
         ("copy", ["optim.nesterov=true"], "optim.nesterov must be false unless optim.momentum > 0"),
         ("copy", ["data.global_batch_size=4096"], "data.global_batch_size=4096 exceeds the 205 training samples"),
         ("copy", ["schedule=cosine", "schedule.warmup_steps=100"],

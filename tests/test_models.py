@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distsgd import models
+from distsgd import batchnorm, models
 from distsgd.config import ConfigError, ModelConfig
 
 BATCH = 3
@@ -76,18 +76,18 @@ def test_bad_shape_message_names_the_shape():
 
 
 def test_has_batchnorm():
-    assert models.has_batchnorm(_build((3, 32, 32), name="resnet", depth=20))
-    assert not models.has_batchnorm(_build((1, 8, 8), name="cnn"))
-    assert not models.has_batchnorm(_build((16,), name="mlp"))
+    assert batchnorm.has_batchnorm(_build((3, 32, 32), name="resnet", depth=20))
+    assert not batchnorm.has_batchnorm(_build((1, 8, 8), name="cnn"))
+    assert not batchnorm.has_batchnorm(_build((16,), name="mlp"))
 
 
 def test_convert_sync_bn_on_cpu_keeps_keys_and_equals_batchnorm_on_one_rank():
     net = _build((3, 32, 32), name="resnet", depth=20)
     reference = copy.deepcopy(net)
-    synced = models.convert_sync_bn(net, torch.device("cpu"))
+    synced = batchnorm.convert_sync_bn(net, torch.device("cpu"))
     kinds = {type(m) for m in synced.modules()}
-    assert models.GlobalBatchNorm in kinds and nn.BatchNorm2d not in kinds
-    assert models.has_batchnorm(synced)
+    assert batchnorm.GlobalBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    assert batchnorm.has_batchnorm(synced)
     assert set(synced.state_dict()) == set(reference.state_dict())  # checkpoints load into either form
     x = torch.randn(BATCH, 3, 32, 32)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -107,7 +107,7 @@ def test_convert_sync_bn_on_cpu_keeps_keys_and_equals_batchnorm_on_one_rank():
 
 
 def test_convert_sync_bn_on_cuda_uses_torch_syncbatchnorm():
-    synced = models.convert_sync_bn(_build((3, 32, 32), name="resnet", depth=20), torch.device("cuda"))
+    synced = batchnorm.convert_sync_bn(_build((3, 32, 32), name="resnet", depth=20), torch.device("cuda"))
     assert nn.SyncBatchNorm in {type(m) for m in synced.modules()}
 
 

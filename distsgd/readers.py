@@ -1,29 +1,21 @@
-"""Real datasets read from local files, and the batched augmentation that goes with them.
+"""Readers of real datasets from local files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary, sklearn digits).
 
 Readers check everything they read (magic numbers, sizes, counts, label ranges) and report a bad
 file as one ConfigError line naming it, so a broken download fails before training instead of
-as a shape error or a silently wrong label mid-run. Images stay uint8 until a batch is normalized
-on its device: a quarter of float32's host memory and of its host-to-device traffic.
+as a shape error or a silently wrong label mid-run. Images are returned as uint8 (see transforms.py).
 """
 
 from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distsgd.config import ConfigError
-
-# Per-channel (mean, std) of the training images in [0, 1]. CIFAR-10's std is the per-pixel one;
-# the (0.2023, 0.1994, 0.2010) often copied instead is not the dataset's per-pixel std.
-MNIST_MEAN_STD: tuple[tuple[float, ...], tuple[float, ...]] = ((0.1307,), (0.3081,))
-CIFAR10_MEAN_STD: tuple[tuple[float, ...], tuple[float, ...]] = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 _IDX_LABELS, _IDX_IMAGES = 2049, 2051  # 0x0801, 0x0803: unsigned bytes, 1 or 3 dimensions
 _CIFAR_SIDE = 32
@@ -75,48 +67,6 @@ def read_digits() -> tuple[Tensor, Tensor]:
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16).unsqueeze(1)  # pixels are 0..16
     return x, torch.from_numpy(digits.target.astype(np.int64))
-
-
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Float32 [B, C, H, W] standardized per channel; uint8 images are scaled from 0..255 to [0, 1] first."""
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def crop_flip_params(num_samples: int, padding: int, seed: int, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Crop offsets dy, dx in [0, 2*padding] (int64) and flip flags (bool) of every training sample for one epoch.
-
-    They are drawn for the whole training set from (seed, epoch) alone, identically on every rank, and
-    a batch takes the entries of its own sample indices. A sample's augmentation therefore does not
-    depend on the number of processes, on which rank or batch it lands in, or on whether the epoch was
-    resumed from a checkpoint midway: runs at any world size see the same augmented global batches.
-    """
-    # SeedSequence mixes (seed, epoch) so that neighbouring pairs give unrelated streams, and unlike
-    # the sampler's seed + epoch, so that augmentation is not correlated with the shuffle.
-    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(state))
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, num_samples), generator=gen)
-    flip = torch.rand(num_samples, generator=gen) < 0.5
-    return dy, dx, flip
-
-
-def random_crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int) -> Tensor:
-    """x [B, C, H, W] zero-padded by `padding`, cropped back to HxW at (dy[i], dx[i]), flipped horizontally where flip[i].
-
-    One gather for the whole batch on x's device, for any dtype. Apply it to uint8 images before
-    normalize() so that the border is black, as in the usual recipe, rather than the mean colour.
-    """
-    b, c, h, w = x.shape
-    dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
-    padded = F.pad(x, (padding, padding, padding, padding))
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    channels = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _find_idx(path: Path) -> Path:

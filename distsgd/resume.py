@@ -1,0 +1,130 @@
+"""Training state in and out of checkpoints: what a save holds, which checkpoint a run resumes
+from, and restoring it after checking that the config continues the same trajectory.
+
+checkpoint.py knows files (atomic writes, hashes, the newest valid one); this module knows what a
+distsgd run keeps in them: model, optimizer, scaler, schedule, step, skipped steps, world size,
+every rank's RNG states and the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distsgd import checkpoint, optim
+from distsgd.config import Config, ConfigError, TrainerConfig, to_yaml
+from distsgd.distributed import Dist
+from distsgd.metrics import flatten
+from distsgd.validate import RunningStats
+
+log = logging.getLogger("distsgd")
+
+# What decides the trajectory: a resumed run must agree with its checkpoint on these.
+TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
+                   "trainer.clip_grad_norm")
+NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
+# What Saver writes besides "model" and "step".
+TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_size", "rng", "config")
+
+
+def choose(tc: TrainerConfig, directory: Path) -> Path | None:
+    """The checkpoint that ``trainer.resume`` names (verified), or None to start afresh.
+    Run it on rank 0 alone (distributed.decided_by_rank0): checkpoints can be GBs."""
+    match tc.resume:
+        case "never":
+            return None
+        case "auto":
+            return checkpoint.find_latest_valid(directory)
+        case path:
+            problem = checkpoint.verify(Path(path))
+            if problem is not None:
+                raise ConfigError(f"trainer.resume={path}: {problem}")
+            return Path(path)
+
+
+class Saver:
+    """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
+
+    def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
+                 dist: Dist, running_stats: RunningStats):
+        self.directory, self.config, self.schedule = directory, config, schedule
+        self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
+        self.running_stats = running_stats
+        self.last_path: Path | None = None
+
+    def __call__(self, step: int, skipped: int, final: bool) -> None:
+        self.running_stats.sync(step)
+        rng_states: list = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(rng_states, checkpoint.rng_state())
+        self.last_path = self.directory / "last.pt" if final else checkpoint.step_path(self.directory, step)
+        if self.dist.is_main:
+            checkpoint.save({
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "step": step,
+                "skipped_steps": skipped,
+                "world_size": self.dist.world_size,
+                "rng": rng_states,
+                "config": to_yaml(self.config),
+            }, self.last_path)
+            checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
+        torch.distributed.barrier()
+
+
+def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
+    """Load ``path`` into the model, optimizer and scaler; returns {"step", "skipped_steps"}."""
+    state = checkpoint.load(path, verified=dist.is_main)  # rank 0 hashed it just now, choosing it
+    # checkpoint.load vouches for "model" and "step" only; a foreign file could still lack the rest.
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is not a distsgd training checkpoint (it lacks {', '.join(missing)})")
+    saved_config = OmegaConf.create(state["config"])
+    if not config.trainer.resume_override:
+        check_same_trajectory(path, config, schedule, state, saved_config)
+    # The config decides the hyperparameters: load_state_dict would bring back the checkpoint's
+    # (momentum, betas, ...), silently undoing what resume_override allowed to change.
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    saved_optimizer = saved_config.optim.name
+    try:
+        model.load_state_dict(state["model"])
+        if saved_optimizer == config.optim.name:
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # another optimizer's state (an SGD momentum buffer for Adam) would crash its first step
+            log.warning("optim.name changed from %s to %s: the optimizer state starts afresh",
+                        saved_optimizer, config.optim.name)
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        # torch's first line is often only a heading ("Error(s) in loading state_dict for ...:").
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip() and not line.endswith(":")),
+                      type(err).__name__)
+        raise ConfigError(f"checkpoint {path} does not fit this run's model or optimizer ({reason}); "
+                          "start a new run directory for a different model") from None
+    for group, values in zip(optimizer.param_groups, hyper):
+        group.update(values)
+    if state["world_size"] == dist.world_size:
+        checkpoint.set_rng_state(state["rng"][dist.rank])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"]}
+
+
+def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,
+                          saved_config: DictConfig) -> None:
+    """Raise ConfigError naming every trajectory-deciding key on which the config and the checkpoint differ."""
+    def relevant(tree: dict) -> dict:
+        flat = flatten(tree)
+        return {k: v for k, v in flat.items() if k.startswith(TRAJECTORY_KEYS) and k not in NOT_TRAJECTORY}
+
+    saved = relevant(OmegaConf.to_container(saved_config))
+    now = relevant(OmegaConf.to_container(OmegaConf.structured(config)))
+    saved["schedule total steps"] = state["scheduler"]["total_steps"]
+    now["schedule total steps"] = schedule.total_steps
+    changed = [f"{k} ({saved.get(k)} -> {now.get(k)})" for k in sorted(saved.keys() | now.keys())
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"trainer.resume: the config differs from checkpoint {path} in {', '.join(changed)}; "
+                          "restore those values, start a new run directory, or set trainer.resume_override=true")

@@ -1,0 +1,127 @@
+"""The training step: forward and backward over the micro-batches, the gradient all-reduce (DDP or
+the manual engine), unscaling, the gradient norm and clipping, the non-finite guard, the update.
+
+Each rank's loss and stop request travel with the gradients (``WithStepStats``), so a step adds
+no collective of its own, and its verdict (apply the update or skip it) is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from distsgd import distributed, optim
+from distsgd.batchnorm import BufferBackup
+from distsgd.config import TrainerConfig
+from distsgd.distributed import Dist
+
+# DDP's option to sync buffers only when it wraps, not before every forward (renamed in torch 2.13).
+RANK_LOCAL_BUFFERS = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward passes' autocast context for ``trainer.precision`` (a no-op for 32)."""
+    return torch.autocast(device.type, AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES else nullcontext()
+
+
+class WithStepStats(torch.nn.Module):
+    """The model plus ``stats``, a 2-element parameter whose gradient is [this rank's loss, 1 if
+    this rank must stop]. Averaged over the ranks with the model's gradients, by DDP or by
+    ``average_gradients``, it gives every rank the global loss and whether any rank must stop, at
+    the cost of two floats in a bucket rather than a collective of its own every step.
+    ``stats`` is always 0 and in no optimizer, so the model and its gradients are unchanged."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.stats = torch.nn.Parameter(torch.zeros(2, device=device))
+        self._stop = torch.tensor([0.0, 1.0], device=device)  # made once: a new tensor per step costs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def attach(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
+        """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
+        return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)]]))
+
+    def read(self, *more: torch.Tensor) -> list[float]:
+        """The averaged [loss, stop] (then ``more``), in one read from the device; then clears
+        ``stats.grad`` for the next step."""
+        values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
+        self.stats.grad = None
+        return values
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the global batch's mean loss, before the update
+    grad_norm: float  # of the averaged (and unscaled) gradient, before clipping
+    skipped: bool  # the guard refused the update: non-finite loss, or gradient in fp32/bf16
+    stop_requested: bool  # some rank received a stop signal
+
+
+class TrainStep:
+    """``step(x, y, lr, stop)`` trains the model on this rank's share of one global batch."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 loss_fn, tc: TrainerConfig, dist: Dist) -> None:
+        self.optimizer, self.scaler, self.loss_fn, self.tc = optimizer, scaler, loss_fn, tc
+        self.params = list(model.parameters())
+        self.backup = BufferBackup(model)
+        self.autocast = autocast(dist.device, tc.precision)
+        # Compiled inside DDP, not around it: torch.compile(DDP(model)) starts tracing only at frames
+        # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
+        # DDP's forward is active while the inner module compiles, so its graph is still split at
+        # DDP's bucket boundaries (DDPOptimizer).
+        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device)
+        self.buckets = None
+        if tc.allreduce == "ddp":
+            # Gradients as views into DDP's all-reduce buckets: the averaged gradients are not copied
+            # out of the buckets every step (the values are the same). Buffers stay each rank's own,
+            # as with the manual engine: batchnorm.py's rule makes them agree before use.
+            self.net = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS)
+        else:
+            distributed.broadcast_parameters(self.net)
+            self.buckets = distributed.make_buckets(list(self.net.parameters()), int(tc.bucket_mb * 2**20))
+        self.world_size = dist.world_size
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, stop: bool) -> StepResult:
+        optim.set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backup.save()
+        self._backward(x, y, stop)
+        if self.buckets is not None:
+            distributed.average_gradients(self.buckets, self.world_size)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if self.tc.clip_grad_norm is not None:
+            clip_grads_with_norm_(self.params, self.tc.clip_grad_norm, grad_norm)
+        # Averaged with the gradients, these are the same numbers on every rank, and so is the verdict.
+        loss, stop_requested, norm = self.stats.read(grad_norm)
+        # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
+        skipped = not (math.isfinite(loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
+        if skipped:
+            self.backup.restore()
+        else:
+            self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 overflowed
+        self.scaler.update()
+        return StepResult(loss, norm, skipped, bool(stop_requested))
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, stop: bool) -> None:
+        accumulate = self.tc.accumulate
+        for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+            # DDP all-reduces only with the last micro-batch; the others accumulate locally.
+            sync = i == accumulate - 1 or self.buckets is not None
+            with (nullcontext() if sync else self.net.no_sync()), self.autocast:
+                micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
+            (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop)).backward()
