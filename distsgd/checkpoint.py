@@ -139,12 +139,17 @@ def prune(directory: Path, keep: int) -> None:
         _sidecar(path).unlink(missing_ok=True)
 
 
-def rng_state() -> dict:
-    """This process's RNG states, as tensors and plain values only (loadable with weights_only)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states, as tensors and plain values only (loadable with weights_only).
+
+    Of the GPUs' generators only that of ``device`` is kept (by default the current CUDA device,
+    where CUDA is available; none for a CPU device): it is the one this rank draws from, and a
+    resume may see other GPUs, e.g. one per SLURM task where a node's eight were visible."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    gpu = _gpu_index(device)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": None if gpu is None else torch.cuda.get_rng_state(gpu),
         # int64, not uint32: it holds every key exactly, and uint32 tensors are a limited dtype in torch.
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
@@ -152,15 +157,41 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved; its GPU generator goes to ``device`` (as in rng_state),
+    whichever GPU it was saved from. A CPU process leaves a saved GPU state unused."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    gpu = _gpu_index(device)
+    cuda = None if gpu is None else _saved_gpu_state(state["cuda"], gpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, gpu)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _gpu_index(device: torch.device | None) -> int | None:
+    """The index of the GPU whose generator this process uses; None when it uses none."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _saved_gpu_state(saved: torch.Tensor | list | None, gpu: int) -> torch.Tensor | None:
+    """The saved generator state for GPU ``gpu``: the one state saved, or in checkpoints from before
+    per-device states (a list of every visible GPU's) the entry of the same index, where there is one."""
+    if not isinstance(saved, list):
+        return saved
+    if gpu < len(saved):
+        return saved[gpu]
+    if saved:
+        log.warning("the checkpoint's RNG states cover %d GPU(s), none for cuda:%d; its generator keeps its seed",
+                    len(saved), gpu)
+    return None
 
 
 def _check_plain(value: object, where: str = "state") -> None:

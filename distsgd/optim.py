@@ -50,9 +50,17 @@ def build_optimizer(cfg: OptimConfig, params, lr: float, device: torch.device = 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup over ``warmup`` steps, then a decay whose own step s runs from 0 over the
-    remaining ``total_steps - warmup`` steps. All lengths are in optimizer steps; ``unit`` is the
-    number of steps in one unit of time (1, or the steps per epoch) for the per-unit rates."""
+    """A decay times a linear warmup: ``lr(t) = min(1, (t+1) / warmup) * decay(t)``.
+
+    ``step`` and ``multistep`` count their boundaries from step 0, warmup included, as torch's
+    StepLR/MultiStepLR and Goyal et al. (2017) do: milestones name absolute points of the run, so
+    after the warmup the rate equals MultiStepLR's, and a boundary inside the warmup lowers the
+    rate it ramps to (torch's ChainedScheduler of LinearLR and MultiStepLR). The continuous decays
+    run over what the warmup leaves, their own step s = t - warmup from 0 to ``total_steps -
+    warmup`` (torch's SequentialLR), so that each starts at the base rate when the warmup ends and
+    polynomial and cosine still reach min_lr at the end of the run. All lengths are in optimizer
+    steps; ``unit`` is the number of steps in one unit of time (1, or the steps per epoch) for
+    the per-unit rates."""
 
     name: str
     base_lr: float
@@ -67,26 +75,26 @@ class Schedule:
     min_lr: float = 0.0
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return self.base_lr * (step + 1) / self.warmup
-        s = step - self.warmup
+        ramp = min((step + 1) / self.warmup, 1.0) if self.warmup else 1.0
+        s = max(step - self.warmup, 0)
         length = max(self.total_steps - self.warmup, 1)
         lr, lo = self.base_lr, self.min_lr
         match self.name:
             case "constant":
-                return lr
+                decayed = lr
             case "step":
-                return lr * self.gamma ** (s // self.step_size)
+                decayed = lr * self.gamma ** (step // self.step_size)
             case "multistep":
-                return lr * self.gamma ** sum(s >= m for m in self.milestones)
+                decayed = lr * self.gamma ** sum(step >= m for m in self.milestones)
             case "exponential":
-                return lr * self.gamma ** (s / self.unit)
+                decayed = lr * self.gamma ** (s / self.unit)
             case "inverse_time":
-                return lr / (1 + self.decay_rate * s / self.unit)
+                decayed = lr / (1 + self.decay_rate * s / self.unit)
             case "polynomial":
-                return lo + (lr - lo) * (1 - s / length) ** self.power
+                decayed = lo + (lr - lo) * (1 - s / length) ** self.power
             case "cosine":
-                return lo + (lr - lo) * (1 + math.cos(math.pi * s / length)) / 2
+                decayed = lo + (lr - lo) * (1 + math.cos(math.pi * s / length)) / 2
+        return ramp * decayed
 
     def state_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

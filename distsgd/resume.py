@@ -58,7 +58,7 @@ class Saver:
     def __call__(self, step: int, skipped: int, final: bool) -> None:
         self.running_stats.sync(step)
         rng_states: list = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(rng_states, checkpoint.rng_state())
+        torch.distributed.all_gather_object(rng_states, checkpoint.rng_state(self.dist.device))
         self.last_path = self.directory / "last.pt" if final else checkpoint.step_path(self.directory, step)
         if self.dist.is_main:
             checkpoint.save({
@@ -107,7 +107,7 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     for group, values in zip(optimizer.param_groups, hyper):
         group.update(values)
     if state["world_size"] == dist.world_size:
-        checkpoint.set_rng_state(state["rng"][dist.rank])
+        checkpoint.set_rng_state(state["rng"][dist.rank], dist.device)
     log.info("resumed from %s at step %d", path, state["step"])
     return {"step": state["step"], "skipped_steps": state["skipped_steps"]}
 

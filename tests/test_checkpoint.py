@@ -212,7 +212,8 @@ def test_corrupt_last_pt_is_skipped_with_a_warning(three, caplog):
     truncate(three / "last.pt")
     with caplog.at_level(logging.WARNING, logger="distsgd"):
         assert find_latest_valid(three) == step_path(three, 30)
-    assert any("last.pt" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"checkpoint {three / 'last.pt'}: {MISMATCH}; skipping it"]
 
 
 def test_only_a_corrupt_last_pt_raises(tmp_path):
@@ -268,6 +269,78 @@ def test_rng_state_restores_every_generator_also_through_a_checkpoint_file(tmp_p
     save({**ckpt(1), "rng": saved}, path)
     set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert_draws_equal(draws(), expected)
+    set_rng_state(load(path)["rng"])
+    assert_draws_equal(draws(), expected)
+
+
+class FakeCuda:
+    """torch.cuda's generator functions on ``count`` GPUs, with ``current`` the current device.
+    GPU i's state is ``gpu_state(i)``; set_rng_state calls are recorded as (state, index)."""
+
+    def __init__(self, monkeypatch, count: int, current: int):
+        self.count, self.current, self.restored = count, current, []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.restored.append(
+            (state.tolist(), self.index(device))))
+
+    def index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index
+        assert index is not None and 0 <= index < self.count, f"no GPU {device!r} among {self.count}"
+        return index
+
+    def get_rng_state(self, device="cuda") -> torch.Tensor:
+        return gpu_state(self.index(device))
+
+
+def gpu_state(index: int) -> torch.Tensor:
+    return torch.full((16,), index, dtype=torch.uint8)
+
+
+def test_a_gpu_state_saved_on_device_3_of_4_restores_onto_device_0_of_1(monkeypatch, tmp_path):
+    cuda = FakeCuda(monkeypatch, count=4, current=3)
+    path = step_path(tmp_path, 1)
+    save({**ckpt(1), "rng": rng_state()}, path)
+    saved = load(path)["rng"]
+    assert saved["cuda"].tolist() == gpu_state(3).tolist()  # this rank's generator only, not all four
+    assert rng_state(torch.device("cuda", 2))["cuda"].tolist() == gpu_state(2).tolist()
+
+    cuda.count, cuda.current = 1, 0  # one GPU per process now, e.g. one per SLURM task
+    set_rng_state(saved)
+    set_rng_state(saved, torch.device("cuda"))
+    set_rng_state(saved, torch.device("cuda", 0))
+    assert cuda.restored == [(gpu_state(3).tolist(), 0)] * 3
+    set_rng_state(saved, torch.device("cpu"))  # a CPU process does not draw from a GPU generator
+    assert rng_state(torch.device("cpu"))["cuda"] is None
+    assert len(cuda.restored) == 3
+
+
+def test_an_old_checkpoint_with_every_gpus_state_restores_this_devices_entry_or_warns(monkeypatch, caplog):
+    cuda = FakeCuda(monkeypatch, count=4, current=1)
+    old = {**rng_state(), "cuda": [gpu_state(i) for i in range(2)]}  # written by a process that saw 2 GPUs
+    set_rng_state(old)
+    assert cuda.restored == [(gpu_state(1).tolist(), 1)]
+    cuda.current = 3
+    with caplog.at_level(logging.WARNING, logger="distsgd"):
+        set_rng_state(old)
+        set_rng_state({**old, "cuda": []})  # written without CUDA: nothing to restore, nothing to say
+    assert len(cuda.restored) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "the checkpoint's RNG states cover 2 GPU(s), none for cuda:3; its generator keeps its seed"]
+
+
+@pytest.mark.parametrize("cuda", [gpu_state(3), [gpu_state(0), gpu_state(1)], None, []])
+def test_a_saved_gpu_state_without_cuda_restores_the_rest(monkeypatch, tmp_path, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(4)
+    np.random.seed(5)
+    saved = {**rng_state(), "cuda": cuda}
+    assert rng_state()["cuda"] is None
+    expected = draws()
+    path = step_path(tmp_path, 1)
+    save({**ckpt(1), "rng": saved}, path)
     set_rng_state(load(path)["rng"])
     assert_draws_equal(draws(), expected)
 

@@ -44,10 +44,22 @@ def test_set_epoch_changes_the_order_and_seed_decides_it():
     assert consumed(64, 8, 2, epoch=1, seed=5) != second
 
 
-@pytest.mark.parametrize("num_val,world", [(10, 3), (7, 2), (1, 2), (9, 4), (8, 1)])
-def test_validation_counts_each_sample_once(num_val, world):
-    shards = [data.val_indices(num_val, r, world, CPU).tolist() for r in range(world)]
-    assert sorted(i for s in shards for i in s) == list(range(num_val))
+@pytest.mark.parametrize("num_val,world", [(10, 3), (7, 2), (1, 2), (2, 4), (9, 4), (8, 1)])
+def test_validation_shards_count_each_sample_once_and_an_empty_one_is_a_batch_of_none(num_val, world):
+    shards = [data.val_indices(num_val, r, world, CPU) for r in range(world)]
+    assert all(s.dtype == torch.int64 and s.dim() == 1 for s in shards)
+    assert sorted(torch.cat(shards).tolist()) == list(range(num_val))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1 and (min(sizes) == 0) == (num_val < world)
+    # Every rank, its shard empty or not, gets a batch that a model takes: a rank must not sit
+    # validation out while the others wait for it in the collectives that sum the metrics.
+    x = torch.arange(num_val * 3, dtype=torch.float32).view(num_val, 3)
+    y = torch.arange(num_val) % 2
+    dataset = data.Dataset(x, y, x, y, "classification", 2)
+    for shard in shards:
+        xb, yb = dataset.val_batch(shard, CPU)
+        assert torch.equal(xb, x[shard]) and torch.equal(yb, y[shard])
+        assert torch.nn.Linear(3, 2)(xb).shape == (len(shard), 2)
 
 
 def test_indivisible_batch_and_oversized_batch_are_errors():

@@ -6,24 +6,30 @@ import math
 
 import pytest
 import torch
+from conftest import make_config
+from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR, StepLR
 
-from distsgd.config import ConfigError, OptimConfig, ScheduleConfig
-from distsgd.optim import build_optimizer, build_schedule
+from distsgd import data
+from distsgd.config import ConfigError, OptimConfig, ScheduleConfig, to_config
+from distsgd.optim import build_optimizer, build_schedule, scaled_lr
 
 LR, TOTAL, SPE = 0.5, 100, 10  # base rate, run length in steps, steps per epoch
 
 
-def closed_form(name: str, s: int, length: int, unit: int) -> float:
-    """The decay at its own step s, written independently of distsgd.optim."""
-    return {
+def closed_form(name: str, t: int, warmup: int, total: int, unit: int) -> float:
+    """The rate at step t, written independently of distsgd.optim: the warmup's ramp times the
+    decay; step and multistep count from step 0, the continuous decays from the warmup's end."""
+    s, length = max(t - warmup, 0), total - warmup
+    decay = {
         "constant": LR,
-        "step": LR * 0.5 ** math.floor(s / (3 * unit)),
-        "multistep": LR * 0.5 ** ((s >= 2 * unit) + (s >= 5 * unit)),
+        "step": LR * 0.5 ** math.floor(t / (3 * unit)),
+        "multistep": LR * 0.5 ** ((t >= 2 * unit) + (t >= 5 * unit)),
         "exponential": LR * 0.9 ** (s / unit),
         "inverse_time": LR / (1 + 0.3 * s / unit),
         "polynomial": 0.01 + (LR - 0.01) * (1 - s / length) ** 2,
         "cosine": 0.01 + (LR - 0.01) * 0.5 * (1 + math.cos(math.pi * s / length)),
     }[name]
+    return decay * (t + 1) / warmup if t < warmup else decay
 
 
 SCHEDULE_ARGS = dict(step_size=3, milestones=[2, 5], gamma=0.5, decay_rate=0.3, power=2.0, min_lr=0.01)
@@ -37,9 +43,55 @@ def test_schedule_equals_closed_form(name, warmup, unit):
     scale = SPE if unit == "epochs" else 1
     schedule = build_schedule(ScheduleConfig(name=name, unit=unit, warmup_steps=warmup, **args), LR, TOTAL, SPE)
     w = warmup * scale
-    for t in [0, 1, 3, w, w + 1, w + 7, w + 23, TOTAL // 2, TOTAL - 1]:
-        expected = LR * (t + 1) / w if t < w else closed_form(name, t - w, TOTAL - w, scale)
-        assert schedule(t) == pytest.approx(expected, rel=1e-12), f"step {t}"
+    # With warmup=4 steps, the step boundary 3 and the milestone 2 fall inside the warmup.
+    for t in [0, 1, 2, 3, w, w + 1, w + 7, w + 23, TOTAL // 2, TOTAL - 1]:
+        assert schedule(t) == pytest.approx(closed_form(name, t, w, TOTAL, scale), rel=1e-12), f"step {t}"
+
+
+def torch_rates(make_scheduler, base_lr: float, steps: int) -> list[float]:
+    """The rate each of ``steps`` updates uses under a torch.optim.lr_scheduler stepped once per update."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+# torch multiplies by gamma at each boundary where distsgd raises gamma to a power: the same rate
+# to within a few units in the last place, while a boundary one step off differs by 10x.
+@pytest.mark.parametrize("unit", ["steps", "epochs"])
+@pytest.mark.parametrize("name", ["step", "multistep"])
+def test_boundaries_count_from_step_0_as_torchs_steplr_and_multisteplr(name, unit):
+    scale, warmup, milestones, step_size = (SPE, 2, [3, 6, 8], 3) if unit == "epochs" else (1, 7, [5, 20, 60], 9)
+    cfg = ScheduleConfig(name=name, unit=unit, warmup_steps=warmup, milestones=milestones, step_size=step_size)
+    schedule = build_schedule(cfg, LR, TOTAL, SPE)
+    w = warmup * scale
+    decay = (lambda o: MultiStepLR(o, [m * scale for m in milestones], gamma=0.1)) if name == "multistep" else (
+        lambda o: StepLR(o, step_size * scale, gamma=0.1))
+    ours = [schedule(t) for t in range(TOTAL)]
+    assert ours[w:] == pytest.approx(torch_rates(decay, LR, TOTAL)[w:], rel=1e-12)
+    # The warmup included: torch's LinearLR from 1/W over W-1 steps, chained with the same decay.
+    chained = torch_rates(lambda o: ChainedScheduler([LinearLR(o, 1 / w, 1.0, w - 1), decay(o)]), LR, TOTAL)
+    assert ours == pytest.approx(chained, rel=1e-12)
+    if unit == "steps":  # the milestone 5 and the step boundary at 0 lie inside the 7 warmup steps
+        assert ours[w] == pytest.approx(LR * 0.1 ** (1 if name == "multistep" else 0))
+
+
+def test_goyal_experiment_decays_at_epochs_10_and_15_after_2_warmup_epochs():
+    config = to_config(make_config("experiment=large_batch_linear_scaling"))
+    train = len(data.load(config.data).x_train)
+    spe = data.steps_per_epoch(train, config.data.global_batch_size)
+    lr = scaled_lr(config.optim, config.data.global_batch_size)
+    schedule = build_schedule(config.schedule, lr, config.trainer.max_epochs * spe, spe)
+    assert (spe, lr) == (25, pytest.approx(0.4))  # 80% of 32768 samples / 1024; 0.1 x 1024/256
+    assert schedule(0) == pytest.approx(lr / (2 * spe))
+    assert [schedule(2 * spe - 1), schedule(2 * spe)] == pytest.approx([lr, lr])
+    assert [schedule(10 * spe - 1), schedule(10 * spe)] == pytest.approx([lr, 0.1 * lr])
+    assert [schedule(15 * spe - 1), schedule(15 * spe)] == pytest.approx([0.1 * lr, 0.01 * lr])
+    assert schedule(20 * spe - 1) == pytest.approx(0.01 * lr)
 
 
 def test_warmup_ramps_linearly_to_the_base_rate():

@@ -29,7 +29,8 @@ def test_mnist_files_train_end_to_end(tmp_path):
                               "model=cnn", "model.width=8", "trainer.max_steps=4", "trainer.val_every=2"),
                   tmp_path / "run")
     assert [s for s, _ in read_scalars(tmp_path / "run")["val/accuracy"]] == [0, 2, 4]
-    assert 0 <= metrics["val/accuracy"] <= 1 and math.isfinite(metrics["val/loss"])
+    assert metrics["val/accuracy"] in [pytest.approx(k / 10) for k in range(11)]  # of the 10 test images
+    assert read_scalars(tmp_path / "run")["val/loss"][-1] == (4, pytest.approx(metrics["val/loss"], rel=1e-6))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 4 and state["model"]["0.weight"].shape == (4, 1, 5, 5)  # one input channel
 
@@ -57,6 +58,8 @@ def test_cifar10_files_train_end_to_end(cifar_runs, name):
     curves = read_scalars(cifar_runs / name)
     assert [s for s, _ in curves["val/loss"]] == [s for s, _ in curves["val/accuracy"]] == [0, 3, 6]
     assert all(math.isfinite(v) for _, v in curves["val/loss"])
+    # Before the first update: the same initial model on the same test images, augmented or not, 1 or 2 ranks.
+    assert curves["val/loss"][0][1] == pytest.approx(read_scalars(cifar_runs / "plain")["val/loss"][0][1], rel=1e-6)
     state = torch.load(cifar_runs / name / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 6 and state["model"]["0.weight"].shape == (4, 3, 5, 5)
 

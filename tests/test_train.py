@@ -42,7 +42,8 @@ def pytest_approx(value):
 
 def test_max_epochs_and_max_steps_whichever_ends_first(tmp_path):
     # 512 samples, 20% for validation: 409 training samples, 12 global batches of 32 per epoch.
-    assert run(make_config(*SMALL, "trainer.max_steps=100", "trainer.max_epochs=2"), tmp_path / "a") is not None
+    metrics = run(make_config(*SMALL, "trainer.max_steps=100", "trainer.max_epochs=2"), tmp_path / "a")
+    assert read_scalars(tmp_path / "a")["val/loss"][-1] == (24, pytest_approx(metrics["val/loss"]))
     assert torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["step"] == 24
     run(make_config(*SMALL, "trainer.max_steps=5", "trainer.max_epochs=2"), tmp_path / "b")
     assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["step"] == 5
