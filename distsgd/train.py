@@ -363,9 +363,7 @@ def _quiet_console_unless_main(dist: Dist) -> None:
                 handler.setLevel(logging.ERROR)
 
 
-# An absolute path: Hydra reads a relative one as a package path when the entry point is the
-# console script rather than `python -m`, and conf/ is no package.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from distsgd.config import CONF_DIR  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
