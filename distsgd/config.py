@@ -11,21 +11,23 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 
-# conf/, the one copy of every config (absolute: Hydra reads a relative config_path as a package
-# path when the entry point is the console script rather than `python -m`).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
 class ConfigError(ValueError):
     """A mistake in the user's configuration or inputs: reported as one line, no traceback."""
+
+
+# The configs, as an absolute path (Hydra would read a relative one as a package path under the
+# console script). A wheel ships the top-level conf/ as the package distsgd.conf, i.e. the folder
+# distsgd/conf; a source checkout, run in place or installed editable, keeps it beside distsgd/.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf")
 
 
 def _check(ok: bool, key: str, expected: str, value: object) -> None:
@@ -45,11 +47,36 @@ def _check_non_negative(key: str, value: float) -> None:
     _check(value >= 0, key, ">= 0", value)
 
 
+def _reject_ignored(config, group: str, used_by: dict[str, tuple[str, ...]]) -> None:
+    """A key set away from its default that the chosen option never reads would change nothing,
+    silently; the defaults themselves pass, so the option files may set what other options read."""
+    for spec in fields(config):
+        users = [option for option, keys in used_by.items() if spec.name in keys]
+        if not users or config.name in users:
+            continue
+        default = spec.default_factory() if spec.default is MISSING else spec.default
+        value = getattr(config, spec.name)
+        _check(value == default, f"{group}.{spec.name}",
+               f"left at {default!r} with {group}={config.name}, which ignores it "
+               f"(it is for {group}={'|'.join(users)})", value)
+
+
+def _home(path: Optional[str]) -> Optional[str]:
+    # The shell leaves ~ in a Hydra override alone (it has to be quoted: data.path='~/x.npz').
+    return os.path.expanduser(path) if path else path
+
+
 DATASETS = ("synthetic", "synthetic_regression", "npz", "digits", "mnist", "cifar10")
 MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine")
+# The keys that only some options read (as models.build and optim.build_optimizer use them); the
+# others, such as lr or weight_decay, serve every option.
+MODEL_KEYS = {"linear": (), "logistic": (), "mlp": ("depth", "width", "activation"),
+              "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn")}
+OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
+              "adagrad": ("eps",), "rmsprop": ("momentum", "alpha", "eps")}
 
 
 @dataclass
@@ -90,6 +117,7 @@ class DataConfig:
                    self.augment)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
+        self.path, self.root = _home(self.path), _home(self.root)
 
 
 @dataclass
@@ -103,6 +131,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
+        _reject_ignored(self, "model", MODEL_KEYS)
         _check_non_negative("model.depth", self.depth)
         _check_positive("model.width", self.width)
         _check_choice("model.activation", self.activation, ACTIVATIONS)
@@ -126,9 +155,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
+        _reject_ignored(self, "optim", OPTIM_KEYS)
         _check_positive("optim.lr", self.lr)
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(0 <= self.dampening <= 1, "optim.dampening", "in [0, 1]", self.dampening)
+        if self.dampening:
+            # torch.optim.SGD applies dampening to the momentum buffer only.
+            _check(self.momentum > 0, "optim.dampening", "0 unless optim.momentum > 0", self.dampening)
         if self.nesterov:
             _check(self.momentum > 0 and self.dampening == 0, "optim.nesterov",
                    "false unless optim.momentum > 0 and optim.dampening = 0", self.nesterov)
@@ -185,7 +218,7 @@ class TrainerConfig:
     precision: str = "32"
     clip_grad_norm: Optional[float] = None
     compile: bool = False
-    # Steps between checkpoints (0: only at the end); the newest keep_checkpoints are kept.
+    # Steps between checkpoints (0: only at the end); the newest keep_checkpoints are kept (0: all).
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     # auto: continue from the newest valid checkpoint of the run directory; never; or a file path.
@@ -212,8 +245,9 @@ class TrainerConfig:
         if self.clip_grad_norm is not None:
             _check_positive("trainer.clip_grad_norm", self.clip_grad_norm)
         _check_non_negative("trainer.checkpoint_every", self.checkpoint_every)
-        _check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        _check_non_negative("trainer.keep_checkpoints", self.keep_checkpoints)
         _check(bool(self.resume), "trainer.resume", "auto, never or a checkpoint path", self.resume)
+        self.resume = _home(self.resume)
         _check_positive("trainer.collective_timeout_s", self.collective_timeout_s)
         _check_choice("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
         _check_non_negative("trainer.max_consecutive_skips", self.max_consecutive_skips)

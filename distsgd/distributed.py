@@ -48,6 +48,13 @@ def init(requested_device: str, timeout_s: float = 1800.0) -> Dist:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+    missing = [var for var in ("MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
+    if world_size > 1 and missing:
+        # Without a rendezvous each process would train alone on its 1/W share of every batch.
+        raise ConfigError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with torchrun, "
+                          "or set MASTER_ADDR and MASTER_PORT so that the processes can meet")
     device = resolve_device(requested_device, local_rank)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":

@@ -13,8 +13,11 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 stamp=.venv/.distsgd-installed
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
-    # Constrained too, so that nothing can swap the torch build for a newer CUDA one.
-    "$py" -m pip install -q -c scripts/constraints.txt -e ".[dev]"
+    # Pinned to the torch now installed, ours or the user's, and not to scripts/constraints.txt,
+    # whose version would replace a user's other build: so pip can neither swap it for another
+    # (a CUDA download) nor upgrade it, and a torch too old for pyproject.toml fails here.
+    "$py" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' >.venv/torch-pin.txt
+    "$py" -m pip install -q -c .venv/torch-pin.txt -e ".[dev]"
     cp pyproject.toml "$stamp"
 fi
 export PATH="$repo/.venv/bin:$PATH"

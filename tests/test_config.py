@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 from conftest import CONF, make_config
 
-from distsgd import data, models, optim
-from distsgd.config import ConfigError, to_config
+from distsgd import batchnorm, data, distributed, models, optim
+from distsgd.config import MODEL_KEYS, MODELS, OPTIM_KEYS, OPTIMIZERS, ConfigError, ModelConfig, OptimConfig, to_config
 from distsgd.train import Plan
 
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -120,3 +123,140 @@ def test_scaled_lr_rules():
     base.reference_batch_size = None
     assert optim.scaled_lr(base, 1024) == pytest.approx(0.1)
     assert optim.scaled_lr(base, 1) == pytest.approx(0.1)  # the global batch is its own reference
+
+
+# Settings that the chosen option ignores, paths under ~, keep_checkpoints=0, the launch environment
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim=adam", "optim.momentum=0.9"],
+     "optim.momentum must be left at 0.0 with optim=adam, which ignores it (it is for optim=sgd|rmsprop), got 0.9"),
+    (["optim=momentum", "optim.name=adagrad"], "optim.momentum must be left at 0.0 with optim=adagrad"),
+    (["optim=adamw", "optim.nesterov=true"], "optim.nesterov must be left at False with optim=adamw"),
+    (["optim=rmsprop", "optim.nesterov=true"], "optim.nesterov must be left at False with optim=rmsprop"),
+    (["optim=rmsprop", "optim.dampening=0.1"], "optim.dampening must be left at 0.0 with optim=rmsprop"),
+    (["optim=sgd", "optim.betas=[0.8,0.9]"],
+     "optim.betas must be left at [0.9, 0.999] with optim=sgd, which ignores it (it is for optim=adam|adamw)"),
+    (["optim=adagrad", "optim.betas=[0.8,0.9]"], "optim.betas must be left at [0.9, 0.999] with optim=adagrad"),
+    (["optim=momentum", "optim.eps=1e-6"], "optim.eps must be left at None with optim=sgd"),
+    (["optim=adam", "optim.alpha=0.9"], "optim.alpha must be left at 0.99 with optim=adam"),
+    (["optim=sgd", "optim.dampening=0.5"], "optim.dampening must be 0 unless optim.momentum > 0, got 0.5"),
+    (["model=resnet", "model.width=32"],
+     "model.width must be left at 64 with model=resnet, which ignores it (it is for model=mlp|cnn), got 32"),
+    (["model=resnet", "model.activation=tanh"], "model.activation must be left at 'relu' with model=resnet"),
+    (["model=linear", "data=synthetic_regression", "model.depth=3"],
+     "model.depth must be left at 2 with model=linear"),
+    (["model=logistic", "model.width=8"], "model.width must be left at 64 with model=logistic"),
+    (["model=logistic", "model.activation=gelu"], "model.activation must be left at 'relu' with model=logistic"),
+    (["model=cnn", "model.depth=3"], "model.depth must be left at 2 with model=cnn, which ignores it "
+                                     "(it is for model=mlp|resnet)"),
+    (["model=mlp", "model.sync_bn=true"],
+     "model.sync_bn must be left at False with model=mlp, which ignores it (it is for model=resnet)"),
+    (["model=cnn", "model.sync_bn=true"], "model.sync_bn must be left at False with model=cnn"),
+])
+def test_a_setting_the_option_ignores_is_an_error(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_config(make_config(*overrides))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["optim=rmsprop", "optim.momentum=0.5", "optim.alpha=0.9", "optim.eps=1e-6"],
+     dict(momentum=0.5, alpha=0.9, eps=1e-6)),
+    (["optim=adam", "optim.betas=[0.8,0.99]", "optim.eps=1e-6"], dict(betas=[0.8, 0.99], eps=1e-6)),
+    (["optim=momentum", "optim.dampening=0.1"], dict(momentum=0.9, dampening=0.1)),
+    (["optim=nesterov"], dict(momentum=0.9, nesterov=True)),
+    (["optim=adagrad", "optim.eps=1e-6", "optim.weight_decay=0.1"], dict(eps=1e-6, weight_decay=0.1)),
+])
+def test_settings_the_option_reads_are_kept(overrides, expected):
+    config = to_config(make_config(*overrides)).optim
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model=resnet", "model.depth=32", "model.sync_bn=true"], dict(depth=32, sync_bn=True)),
+    (["model=cnn", "model.width=16", "model.activation=tanh"], dict(width=16, activation="tanh")),
+    (["model=mlp", "model.depth=3", "model.width=8", "model.activation=gelu"], dict(depth=3, width=8, activation="gelu")),
+    (["experiment=digits_mlp"], dict(width=256)),
+])
+def test_model_settings_the_option_reads_are_kept(overrides, expected):
+    config = to_config(make_config(*overrides)).model
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+NON_DEFAULT_OPTIM = dict(momentum=0.5, dampening=0.25, nesterov=True, betas=[0.8, 0.99], eps=1e-6, alpha=0.9)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_keys_table_matches_what_the_optimizer_is_given(name):
+    # The check is only as good as OPTIM_KEYS: each key it says an optimizer reads must reach the
+    # torch optimizer, and a key it says is ignored must have no place there.
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for key, value in NON_DEFAULT_OPTIM.items():
+        if key in OPTIM_KEYS[name]:
+            needs_momentum = {"momentum": 0.5} if key in ("dampening", "nesterov") else {}
+            group = optim.build_optimizer(OptimConfig(name=name, **needs_momentum, **{key: value}), params, 0.1).param_groups[0]
+            assert group[key] == (tuple(value) if key == "betas" else value), (name, key)
+        else:
+            assert key not in optim.build_optimizer(OptimConfig(name=name), params, 0.1).param_groups[0], (name, key)
+
+
+NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh")
+
+
+def _architecture(cfg: ModelConfig) -> list:
+    task = "regression" if cfg.name == "linear" else "classification"
+    net = models.build(cfg, (1, 8, 8), 3, task)
+    return [(n, tuple(p.shape)) for n, p in net.named_parameters()] + [type(m).__name__ for m in net.modules()]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_keys_table_matches_what_the_builder_reads(name):
+    # Likewise MODEL_KEYS: a key it lists changes the network, one it leaves out does not.
+    option = to_config(make_config(f"model={name}")).model
+    for key, value in NON_DEFAULT_MODEL.items():
+        changed = replace(option)
+        setattr(changed, key, value)  # after __post_init__, which would refuse an ignored key
+        assert (_architecture(changed) != _architecture(option)) == (key in MODEL_KEYS[name]), (name, key)
+    task = "regression" if name == "linear" else "classification"
+    has_batchnorm = batchnorm.has_batchnorm(models.build(option, (1, 8, 8), 3, task))
+    assert has_batchnorm == ("sync_bn" in MODEL_KEYS[name])
+
+
+def test_paths_starting_with_tilde_mean_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(40, 3)).astype(np.float32), y=rng.integers(0, 2, size=40))
+    config = to_config(make_config("data=npz", "data.path='~/x.npz'", "trainer.resume='~/runs/a/last.pt'"))
+    assert (config.data.path, config.trainer.resume) == (str(tmp_path / "x.npz"), str(tmp_path / "runs/a/last.pt"))
+    assert len(data.load(config.data).x_train) == 32  # 40 samples, 20% held out
+    assert to_config(make_config("data=mnist", "data.root='~/mnist'")).data.root == str(tmp_path / "mnist")
+    # Unchanged: the words auto and never, and paths without a leading ~.
+    assert to_config(make_config("trainer.resume=auto")).trainer.resume == "auto"
+    assert to_config(make_config("data=npz", "data.path='a/~b.npz'")).data.path == "a/~b.npz"
+
+
+def test_keep_checkpoints_0_keeps_every_step_checkpoint(tmp_path):
+    from distsgd.train import run
+
+    # Five step checkpoints, more than the default keeps (the last step writes last.pt only).
+    run(make_config("data.num_samples=256", "data.global_batch_size=32", "model.width=8", "trainer.max_steps=6",
+                    "trainer.val_every=1000", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == [
+        "last.pt", *(f"step_{step:08d}.pt" for step in range(1, 6))]
+    with pytest.raises(ConfigError, match=re.escape("trainer.keep_checkpoints must be >= 0, got -1")):
+        to_config(make_config("trainer.keep_checkpoints=-1"))
+
+
+@pytest.mark.parametrize("env,message", [
+    (dict(RANK="0", WORLD_SIZE="2"), "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set"),
+    (dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1"), "WORLD_SIZE=2 but MASTER_PORT not set"),
+    (dict(RANK="0", WORLD_SIZE="4", MASTER_PORT="29500"), "WORLD_SIZE=4 but MASTER_ADDR not set"),
+    (dict(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"), "RANK=2 must be in [0, WORLD_SIZE=2)"),
+    (dict(RANK="1"), "RANK=1 must be in [0, WORLD_SIZE=1)"),
+])
+def test_a_partial_torchrun_environment_is_an_error(env, message, monkeypatch):
+    # Without a rendezvous each process would train alone on its share of every batch.
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distributed.init("cpu")
+    assert not torch.distributed.is_initialized()

@@ -483,7 +483,7 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("copy", ["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
         ("copy", ["model.width=0"], "model.width must be > 0, got 0"),
         ("copy", ["trainer.accumulate=0"], "trainer.accumulate must be > 0, got 0"),
-        ("copy", ["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints must be > 0, got 0"),
+        ("copy", ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints must be >= 0, got -1"),
         ("copy", ["trainer.max_consecutive_skips=-1"], "trainer.max_consecutive_skips must be >= 0, got -1"),
         ("copy", ["data.val_fraction=1.0"], "data.val_fraction must be in [0, 1), got 1.0"),
         ("copy", ["trainer.nonfinite=ignore"], "trainer.nonfinite must be one of skip|stop, got 'ignore'"),
