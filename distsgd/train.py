@@ -78,10 +78,11 @@ class Plan:
     def describe(self, config: Config, dist: Dist, schedule: optim.Schedule, run_dir: Path) -> str:
         lr = (f"lr {config.optim.lr:g} at batch {config.optim.reference_batch_size}, {config.optim.scaling} scaling -> "
               f"{schedule.base_lr:g}" if config.optim.scaling != "none" else f"lr {schedule.base_lr:g}")
-        return (f"{dist.world_size} process(es) x {self.batch} samples"
-                f" ({config.trainer.accumulate} micro-batch(es) each) = global batch {config.data.global_batch_size}; "
-                f"{self.steps_per_epoch} steps per epoch; {self.total_steps} steps "
-                f"({self.total_steps / self.steps_per_epoch:.4g} epochs); {lr}; {config.schedule.name} schedule; "
+        accumulate = config.trainer.accumulate
+        return (f"world size {dist.world_size}; {self.batch} samples per rank and step, in {accumulate} "
+                f"micro-batch(es) of {self.batch // accumulate}; global batch {config.data.global_batch_size}; "
+                f"{self.steps_per_epoch} steps per epoch; {self.total_steps} steps = "
+                f"{self.total_steps / self.steps_per_epoch:.4g} epochs; {lr}; {config.schedule.name} schedule; "
                 f"run directory {run_dir}")
 
 
@@ -131,8 +132,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         # Also when a run stops early: its curves are closed and listed in the HParams dashboard.
         logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics)
         logger.close()
-    log.info("done: %s in %.1f s; saved %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
-             time.perf_counter() - started, save.last_path)
+    log.info("done: %d steps in %.1f s; %s; saved %s", plan.total_steps, time.perf_counter() - started,
+             ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), save.last_path)
     log.info("curves: tensorboard --logdir %s --host 127.0.0.1", run_dir / "tensorboard")
     return metrics
 

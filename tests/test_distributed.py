@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import assert_params_close, final_params, launch, make_config, read_scalars
@@ -20,6 +22,7 @@ def momentum_runs(tmp_path_factory):
     run(make_config(*MOMENTUM), root / "one")
     done = launch(root / "two", *MOMENTUM, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
+    (root / "two.console").write_text(done.stdout + done.stderr)
     return root
 
 
@@ -63,3 +66,19 @@ def test_indivisible_global_batch_under_torchrun(tmp_path):
     assert done.returncode != 0
     assert "data.global_batch_size=33 is not divisible by the world size 2" in done.stderr
     assert not list(tmp_path.glob("checkpoints/*.pt"))
+
+
+def test_a_run_says_what_it_will_do_and_what_it_did(momentum_runs):
+    run_dir = momentum_runs / "two"
+    console = (momentum_runs / "two.console").read_text()
+    # 1024 samples, 20% for validation: 819 training samples, 12 global batches of 64 per epoch.
+    plan = (f"world size 2; 32 samples per rank and step, in 1 micro-batch(es) of 32; global batch 64; "
+            f"12 steps per epoch; 40 steps = 3.333 epochs; lr 0.05; constant schedule; run directory {run_dir}")
+    assert console.count(plan) == 1, console[-3000:]  # rank 0 alone talks on the console
+    assert plan in (run_dir / "rank1.log").read_text()
+    done = re.search(r"done: 40 steps in [\d.]+ s; (.*); saved (\S+)", console)
+    assert done and done[2] == str(run_dir / "checkpoints" / "last.pt"), console[-3000:]
+    final = dict(item.rsplit(" ", 1) for item in done[1].split(", "))
+    curves = read_scalars(run_dir)
+    for tag in ("train/loss", "val/loss", "val/accuracy"):
+        assert float(final[tag]) == pytest.approx(curves[tag][-1][1], rel=1e-3), tag

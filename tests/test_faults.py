@@ -578,6 +578,16 @@ def test_bad_invocations_fail_fast_with_one_clear_line_and_touch_no_checkpoint(b
     assert _hashes(*watched) == before
 
 
+def test_a_config_hydra_cannot_compose_is_reported_once_under_torchrun(tmp_path):
+    # Hydra reports it on every rank before distsgd runs: rank 0 alone shows it, torchrun names it.
+    failed = launch(tmp_path / "run", "trainer.max_stepz=5", nproc=2)
+    workers, report = torchrun_report(failed.stderr)
+    message = "Could not override 'trainer.max_stepz'."
+    assert failed.returncode != 0 and workers.count(message) == 1, failed.stderr[-3000:]
+    assert f"traceback : distsgd: error: {message}" in report.partition("Root Cause")[2], report
+    assert workers.count("Traceback") == 1  # torchrun's own, of its ChildFailedError
+
+
 def test_bad_invocations_as_real_processes(bad_files, tmp_path):
     files = bad_files["files"]
     cases = [("copy", ["+trainer.max_stepz=5"], "distsgd: error: unknown config key(s) trainer.max_stepz"),
