@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
+import pytest
 import torch
 import yaml
 from conftest import final_params, make_config, read_scalars
 
-from distsgd import data
+from distsgd import data, metrics, transforms
 from distsgd.config import to_config
+from distsgd.stopping import Stopped
 from distsgd.train import run
 
 SMALL = ["data.num_samples=512", "data.global_batch_size=32", "trainer.log_every=4", "trainer.val_every=10"]
@@ -74,3 +77,39 @@ def test_linear_scaling_changes_the_logged_rate(tmp_path):
     run(make_config(*SMALL, "trainer.max_steps=2", "optim.lr=0.1", "optim.reference_batch_size=8",
                     "optim.scaling=sqrt"), tmp_path)
     assert read_scalars(tmp_path)["train/lr"][0][1] == pytest_approx(0.1 * math.sqrt(32 / 8))
+
+
+def test_a_stopped_run_closes_its_curves_with_an_hparams_entry(tmp_path):
+    # lr 1e6 on least squares: the loss overflows within a few steps and nonfinite=stop ends the run.
+    with pytest.raises(Stopped, match=r"non-finite .* at step (\d+); stopped after trainer.nonfinite=stop") as stop:
+        run(make_config("experiment=regression_sgd", "optim.lr=1e6", "trainer.log_every=1",
+                        "trainer.nonfinite=stop"), tmp_path)
+    step = int(re.search(r"at step (\d+)", str(stop.value))[1])
+    curves = read_scalars(tmp_path)
+    assert [s for s, _ in curves["train/loss"]] == list(range(step))  # every logged point reached the file
+    events = next((tmp_path / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
+    assert b"_hparams_/session_start_info" in events and b"_hparams_/session_end_info" in events
+
+
+def test_samples_per_sec_counts_every_step_trained_since_the_last_point(monkeypatch):
+    clock = iter([100.0, 106.0, 107.0, 108.0, 109.0, 200.0, 201.0])  # each reading of the clock, in order
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    resumed = metrics.Throughput(first_step=25)
+    assert resumed.samples_per_sec(30, samples_per_step=10) == pytest_approx(6 * 10 / 6)  # steps 25..30
+    with resumed.paused():  # 107 to 108: validation is not training
+        pass
+    assert resumed.samples_per_sec(40, samples_per_step=10) == pytest_approx(10 * 10 / 2)  # 3 s less 1
+    fresh = metrics.Throughput(first_step=0)
+    assert fresh.samples_per_sec(0, samples_per_step=10) is None  # step 0's time is mostly start-up
+
+
+def test_normalisation_statistics_are_on_the_device_once_placed():
+    raw = data.Dataset(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                       torch.full((2, 3, 2, 2), 255, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                       "classification", 10, mean_std=transforms.CIFAR10_MEAN_STD)
+    placed = raw.place(torch.device("cpu"), in_memory=True, num_workers=0)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in placed.mean_std)
+    x, _ = placed.val_batch(torch.arange(2), torch.device("cpu"))
+    mean, std = transforms.CIFAR10_MEAN_STD
+    expected = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    torch.testing.assert_close(x, expected)
