@@ -254,12 +254,27 @@ class TrainerConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    # Log the gradient noise scale (gns/*) every logged step; see distsgd/diagnostics.py.
+    noise_scale: bool = False
+    # Samples over which its estimates are averaged (the EMA's time constant); null: 20 global batches.
+    noise_ema_samples: Optional[int] = None
+    # Log each parameter tensor's gradient norm, weight norm and update ratio (layers/*) every logged step.
+    layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.noise_ema_samples is not None:
+            _check_positive("diagnostics.noise_ema_samples", self.noise_ema_samples)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -49,10 +49,10 @@ class Saver:
     """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
 
     def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
-                 dist: Dist, running_stats: RunningStats):
+                 dist: Dist, running_stats: RunningStats, diagnostics_state=dict):
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
-        self.running_stats = running_stats
+        self.running_stats, self.diagnostics_state = running_stats, diagnostics_state
         self.last_path: Path | None = None
 
     def __call__(self, step: int, skipped: int, final: bool) -> None:
@@ -71,6 +71,7 @@ class Saver:
                 "world_size": self.dist.world_size,
                 "rng": rng_states,
                 "config": to_yaml(self.config),
+                "diagnostics": self.diagnostics_state(),
             }, self.last_path)
             checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
         torch.distributed.barrier()
@@ -109,7 +110,7 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     if state["world_size"] == dist.world_size:
         checkpoint.set_rng_state(state["rng"][dist.rank], dist.device)
     log.info("resumed from %s at step %d", path, state["step"])
-    return {"step": state["step"], "skipped_steps": state["skipped_steps"]}
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {})}
 
 
 def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,

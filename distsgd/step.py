@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -18,7 +18,8 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from distsgd import distributed, optim
 from distsgd.batchnorm import BufferBackup
-from distsgd.config import TrainerConfig
+from distsgd.config import DiagnosticsConfig, TrainerConfig
+from distsgd.diagnostics import LayerStats, NoiseScale
 from distsgd.distributed import Dist
 
 # DDP's option to sync buffers only when it wraps, not before every forward (renamed in torch 2.13).
@@ -67,15 +68,20 @@ class StepResult:
     grad_norm: float  # of the averaged (and unscaled) gradient, before clipping
     skipped: bool  # the guard refused the update: non-finite loss, or gradient in fp32/bf16
     stop_requested: bool  # some rank received a stop signal
+    diagnostics: dict[str, float] = field(default_factory=dict)  # gns/* every step, layers/* when observed
 
 
 class TrainStep:
     """``step(x, y, lr, stop)`` trains the model on this rank's share of one global batch."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 loss_fn, tc: TrainerConfig, dist: Dist) -> None:
+                 loss_fn, tc: TrainerConfig, dist: Dist, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+                 global_batch: int = 0) -> None:
         self.optimizer, self.scaler, self.loss_fn, self.tc = optimizer, scaler, loss_fn, tc
         self.params = list(model.parameters())
+        self.noise = (NoiseScale(diagnostics, global_batch, dist.world_size, tc.accumulate, dist.device)
+                      if diagnostics.noise_scale else None)
+        self.layers = LayerStats(model) if diagnostics.layers else None
         self.backup = BufferBackup(model)
         self.autocast = autocast(dist.device, tc.precision)
         # Compiled inside DDP, not around it: torch.compile(DDP(model)) starts tracing only at frames
@@ -90,24 +96,35 @@ class TrainStep:
             # as with the manual engine: batchnorm.py's rule makes them agree before use.
             self.net = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                                                gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS)
+            if self.noise is not None and dist.world_size > 1:
+                # The rank's own gradient exists only inside DDP's all-reduce.
+                self.net.register_comm_hook(None, self.noise.hook(exclude=self.stats.stats))
         else:
             distributed.broadcast_parameters(self.net)
             self.buckets = distributed.make_buckets(list(self.net.parameters()), int(tc.bucket_mb * 2**20))
         self.world_size = dist.world_size
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, stop: bool) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, stop: bool, observe: bool = False) -> StepResult:
+        """``observe``: measure what is logged only on logged steps (per-layer statistics)."""
         optim.set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         self.backup.save()
         self._backward(x, y, stop)
         if self.buckets is not None:
+            if self.noise is not None:
+                self.noise.rank_gradient(self._grads())
             distributed.average_gradients(self.buckets, self.world_size)
+        if self.noise is not None:
+            self.noise.end_backward()
+        scale = self.scaler.get_scale() if self.noise is not None and self.scaler.is_enabled() else 1.0
         self.scaler.unscale_(self.optimizer)
-        grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        grad_norm = get_total_norm(self._grads())
+        if self.layers is not None and observe:
+            self.layers.before_update()
         if self.tc.clip_grad_norm is not None:
             clip_grads_with_norm_(self.params, self.tc.clip_grad_norm, grad_norm)
         # Averaged with the gradients, these are the same numbers on every rank, and so is the verdict.
-        loss, stop_requested, norm = self.stats.read(grad_norm)
+        loss, stop_requested, norm, *small = self.stats.read(grad_norm, *self._noise_sum())
         # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
         skipped = not (math.isfinite(loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
         if skipped:
@@ -115,13 +132,37 @@ class TrainStep:
         else:
             self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 overflowed
         self.scaler.update()
-        return StepResult(loss, norm, skipped, bool(stop_requested))
+        diagnostics = self.noise.update(small[0], norm**2, scale) if self.noise is not None and not skipped else {}
+        if self.layers is not None and observe:
+            diagnostics.update(self.layers.after_update())
+        return StepResult(loss, norm, skipped, bool(stop_requested), diagnostics)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def _noise_sum(self) -> tuple[torch.Tensor, ...]:
+        return () if self.noise is None else (self.noise.small_sq(),)
+
+    def state_dict(self) -> dict:
+        """What the instruments keep across steps, for checkpoints."""
+        return {} if self.noise is None else {"noise_scale": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.noise is not None and "noise_scale" in state:
+            self.noise.load_state_dict(state["noise_scale"])
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor, stop: bool) -> None:
         accumulate = self.tc.accumulate
-        for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+        if self.noise is not None:
+            self.noise.start_step()
+        for i in range(accumulate):
+            # Every accumulate-th sample, as the ranks deal them: micro-batch i of one process holds
+            # what rank i of `accumulate` processes would, so even BatchNorm statistics agree.
+            xm, ym = x[i::accumulate], y[i::accumulate]
             # DDP all-reduces only with the last micro-batch; the others accumulate locally.
             sync = i == accumulate - 1 or self.buckets is not None
             with (nullcontext() if sync else self.net.no_sync()), self.autocast:
                 micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
             (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop)).backward()
+            if self.noise is not None:
+                self.noise.micro_batch(self._grads())

@@ -107,7 +107,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     if resume_from is not None:
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
     loss_fn = models.loss_fn(dataset.task)
-    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist)
+    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, global_batch)
+    train_step.load_state_dict(progress.get("diagnostics", {}))
     running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None)
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
@@ -118,7 +119,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
 
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
-    save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats)
+    save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
+                        train_step.state_dict)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:
@@ -154,12 +156,13 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
                     metrics.update(validation(step))
                 logger.scalars(step, _group(metrics, "val/"))
             lr = schedule(step)
-            result = train_step(x, y, lr, stop.received)
+            logged = step % tc.log_every == 0 or step == plan.total_steps - 1
+            result = train_step(x, y, lr, stop.received, observe=logged)
             skipped, consecutive = skipped + result.skipped, (consecutive + 1) * result.skipped
             if consecutive and (tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips):
                 save(step, skipped, final=False)
                 raise Stopped(nonfinite_message(step, result.loss, result.grad_norm, consecutive, tc, save.last_path), 3)
-            if step % tc.log_every == 0 or step == plan.total_steps - 1:
+            if logged:
                 _log_step(logger, metrics, step, result, lr, skipped, throughput, config.data.global_batch_size)
             else:
                 logger.progress(step + 1)
@@ -182,7 +185,7 @@ def _log_step(logger, metrics: dict, step: int, result: StepResult, lr: float, s
     rate = throughput.samples_per_sec(step, global_batch)
     if rate is not None:
         metrics["train/samples_per_sec"] = rate
-    logger.scalars(step, _group(metrics, "train/"))
+    logger.scalars(step, {**_group(metrics, "train/"), **result.diagnostics})
     logger.progress(step + 1, loss=result.loss, lr=lr)
 
 

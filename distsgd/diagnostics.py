@@ -1,0 +1,141 @@
+"""Instruments that observe the training step: the gradient noise scale and per-layer statistics.
+
+Gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+appendix A.1). From the squared norm of the gradient of a small batch of b samples and of a big
+batch of B samples, both means of the loss,
+
+    |G|^2    ~ (B |G_B|^2 - b |G_b|^2) / (B - b)        tr(Sigma) ~ (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
+
+are unbiased; B_simple = tr(Sigma) / |G|^2 predicts the critical batch size. The big batch is the
+global batch (its gradient is the averaged one, before clipping); the small batch is each rank's
+share before averaging (the mean over ranks of its squared norm), or on one process each
+micro-batch of ``trainer.accumulate``. Both estimates are smoothed by bias-corrected EMAs whose
+weights count samples, then divided (a ratio of noisy estimates would be biased).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from distsgd.config import ConfigError, DiagnosticsConfig
+
+
+def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of all ``tensors`` together, in float32 or wider."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors)
+    return torch.stack([n.float() for n in norms]).square().sum()
+
+
+class NoiseScale:
+    """Measures |G_small|^2 and |G_big|^2 every step and keeps the EMAs (in checkpoints)."""
+
+    def __init__(self, cfg: DiagnosticsConfig, global_batch: int, world_size: int, accumulate: int,
+                 device: torch.device) -> None:
+        if world_size == 1 and accumulate == 1:
+            raise ConfigError("diagnostics.noise_scale needs a small and a big batch: run on 2 or more processes, "
+                              "or set trainer.accumulate >= 2 on one (now 1 process, trainer.accumulate=1)")
+        self.world_size, self.accumulate = world_size, accumulate
+        # Per rank when there are several (micro-batches are summed inside the rank); else per micro-batch.
+        self.pieces = world_size if world_size > 1 else accumulate
+        self.big, self.small = global_batch, global_batch // self.pieces
+        self.ema_samples = cfg.noise_ema_samples or 20 * global_batch
+        self.local = torch.zeros((), dtype=torch.float64, device=device)  # sum of small-batch squared norms
+        self.work = None
+        self.ema = {"grad_sq": 0.0, "trace_cov": 0.0, "weight": 0.0}
+
+    # -- measuring: each step, micro_batch() after every micro-batch on one process, or local()
+    #    (manual engine) / the DDP hook (hook()) with the rank's gradient before it is averaged.
+
+    def start_step(self) -> None:
+        self.local.zero_()
+        self.previous = None
+
+    def micro_batch(self, grads: list[torch.Tensor]) -> None:
+        """On one process: the micro-batch's own gradient is what it added to the accumulated one."""
+        if self.world_size > 1:
+            return
+        if self.previous is None:
+            self.local += squared_norm(grads)
+            self.previous = [g.detach().clone() for g in grads]
+        else:
+            own = torch._foreach_sub(grads, self.previous)
+            self.local += squared_norm(own)
+            torch._foreach_copy_(self.previous, grads)
+
+    def rank_gradient(self, grads: list[torch.Tensor]) -> None:
+        """Several processes: this rank's gradient, before it is averaged with the others'."""
+        if self.world_size > 1:
+            self.local += squared_norm(grads)
+
+    def hook(self, exclude: torch.Tensor):
+        """A DDP communication hook: this bucket's share of the rank's squared norm, then torch's
+        own all-reduce (the average, exactly as without a hook). ``exclude`` is not measured."""
+        def measure_then_allreduce(process_group, bucket):
+            grads = [g for g, p in zip(bucket.gradients(), bucket.parameters()) if p is not exclude]
+            self.rank_gradient(grads)
+            return default_hooks.allreduce_hook(process_group, bucket)
+        return measure_then_allreduce
+
+    def end_backward(self) -> None:
+        """After the last backward: start summing the ranks' measurements (read with ``small_sq``)."""
+        if self.world_size > 1:
+            self.work = torch.distributed.all_reduce(self.local, async_op=True)
+
+    def small_sq(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.local
+
+    # -- estimating, on the host, from the values read with the step's other numbers
+
+    def update(self, small_sum: float, big_sq: float, grad_scale: float) -> dict[str, float]:
+        """Fold this step in (a non-finite one is left out); the values to log."""
+        # Micro-batch gradients were measured as their share (1/accumulate) of the step's gradient.
+        per_piece = self.accumulate**2 if self.world_size == 1 else 1
+        small_sq = small_sum / self.pieces * per_piece / grad_scale**2
+        if math.isfinite(small_sq) and math.isfinite(big_sq):
+            b, big = self.small, self.big
+            decay = math.exp(-big / self.ema_samples)
+            for key, value in (("grad_sq", (big * big_sq - b * small_sq) / (big - b)),
+                               ("trace_cov", (small_sq - big_sq) / (1 / b - 1 / big)), ("weight", 1.0)):
+                self.ema[key] = decay * self.ema[key] + (1 - decay) * value
+        grad_sq, trace = (self.ema[k] / self.ema["weight"] if self.ema["weight"] else math.nan
+                          for k in ("grad_sq", "trace_cov"))
+        return {"gns/small_sq": small_sq, "gns/big_sq": big_sq, "gns/grad_sq": grad_sq, "gns/trace_cov": trace,
+                "gns/b_simple": trace / grad_sq if grad_sq else math.nan}
+
+    def state_dict(self) -> dict:
+        return dict(self.ema)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = dict(state)
+
+
+class LayerStats:
+    """Per parameter tensor, on the steps that are logged: the norm of its averaged gradient
+    (before clipping), of its weight before the update, and |delta w| / |w| of the update applied
+    (0 for a skipped one)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names, self.params = zip(*model.named_parameters())
+
+    def before_update(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.grad_norms = torch.stack(torch._foreach_norm(grads))
+        self.weights = [p.detach().clone() for p in self.params]
+
+    def after_update(self) -> dict[str, float]:
+        weight_norms = torch.stack(torch._foreach_norm(self.weights))
+        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in self.params],
+                                                                          self.weights)))
+        ratios = update_norms / weight_norms.clamp_min(torch.finfo(weight_norms.dtype).tiny)
+        values = torch.stack([self.grad_norms.float(), weight_norms.float(), ratios.float()]).tolist()
+        del self.weights
+        return {f"layers/{name}/{what}": row[i] for what, row in zip(("grad_norm", "weight_norm", "update_ratio"), values)
+                for i, name in enumerate(self.names)}
