@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,18 +35,23 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """Remembers a SIGTERM (what schedulers send at their time limit) until the next step ends."""
+    """Remembers a SIGTERM (what schedulers send at their time limit) until the next step ends.
+    Python delivers signals to the main thread only: a run in another thread (scripts/bench.py's
+    second contender) listens to none."""
 
     def __enter__(self):
         self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.listening = threading.current_thread() is threading.main_thread()
+        if self.listening:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.received = True
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.listening:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def nonfinite_message(step: int, loss: float, norm: float, consecutive: int, tc: TrainerConfig, path) -> str:
