@@ -48,15 +48,17 @@ def test_two_processes_measure_what_one_process_measures_with_micro_batches_and_
     # 2 processes x 16 samples and 1 process x 2 micro-batches of 16 take the very same samples as
     # their small batches, so every step's estimate agrees, for both engines.
     common = FIXED + ["trainer.max_steps=30", "trainer.log_every=3", "trainer.checkpoint_every=12",
-                      "diagnostics.noise_ema_samples=200"]
+                      "diagnostics.noise_ema_samples=200", "diagnostics.layers=true"]
     run(make_config(*common, "trainer.accumulate=2"), tmp_path / "one")
     for engine in ("ddp", "manual"):
         done = launch(tmp_path / engine, *common, f"trainer.allreduce={engine}", nproc=2)
         assert done.returncode == 0, done.stderr[-3000:]
     one = read_scalars(tmp_path / "one")
+    layers = [tag for tag in one if tag.startswith("layers/")]
+    assert len(layers) == 2 * 3  # weight and bias, three statistics each
     for engine in ("ddp", "manual"):
         two = read_scalars(tmp_path / engine)
-        for tag in GNS:
+        for tag in GNS + tuple(layers):
             assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == list(range(0, 30, 3)) + [29]
             assert [v for _, v in two[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-4), (engine, tag)
 
