@@ -7,6 +7,7 @@ code path whatever the world size.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,28 +64,40 @@ def init(requested_device: str, timeout_s: float = 1800.0) -> Dist:
     else:
         backend = "gloo"
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-                                **_restart_safe_store(rank, world_size, timeout))
+        dist.init_process_group(backend, store=_group_store(timeout), rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def _restart_safe_store(rank: int, world_size: int, timeout: timedelta) -> dict:
-    """The store of this attempt when torchrun restarts a one-node job; {} for the env:// default.
+# The store of torchrun's environment, connected once and kept for every process group that this
+# process joins; and how many it has joined.
+_store: dist.Store | None = None
+_groups_joined = itertools.count()
 
-    torchrun keeps one TCPStore for all attempts of a job, and the process group keys nothing by
-    attempt, so a restarted rank can read the address its dead predecessor published and fail to
-    connect (pytorch/pytorch#135712). On one node every worker is restarted together and agrees on
-    TORCHELASTIC_RESTART_COUNT; across nodes the counts differ, which only
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per attempt) avoids.
+
+def _group_store(timeout: timedelta) -> dist.Store:
+    """A key space of this process group's own, in the one store this process keeps.
+
+    A process group names its keys alike every time, so a group that meets an earlier group's keys
+    reads a peer's dead address and hangs connecting to it. Each job of a Hydra sweep joins a group
+    of its own in the same processes, and torchrun's restarted workers share the agent's store
+    with their dead predecessors (pytorch/pytorch#135712). So the keys carry the group's number in
+    this process (a sweep runs its jobs in the same order on every rank) and, on one node, the
+    attempt: across nodes the restart counts differ, which only TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (a store per attempt) avoids. The store is kept because where rank 0 hosts it (that setting,
+    or a launcher other than torchrun), a store per group would let a faster rank join the next
+    group in the last one's store before rank 0 closes it.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
-        return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"default_pg/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+    global _store
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    _store.set_timeout(timeout)
+    prefix = f"default_pg/group_{next(_groups_joined)}"
+    if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        prefix += f"/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(prefix, _store)
 
 
 def shutdown() -> None:
