@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, read_scalars, subprocess_env
 
 
@@ -37,3 +38,24 @@ def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(tmp_pat
     # Turns of 30 steps start at steps 0, 10 and 20; a turn is timed up to the start of the next
     # one, so 2 per run are, and the first is dropped: 1 pair in each of 2 rounds.
     assert "median of 2 paired turns' ratios (95% interval" in done.stdout, done.stdout
+
+
+def test_a_sweep_under_torchrun_runs_every_job_on_every_rank_in_its_own_directory(tmp_path):
+    # Every job joins a process group of its own in the same two processes; when each group did not
+    # have keys of its own in torchrun's store, a later job met an earlier one's and hung.
+    lrs = (0.01, 0.05, 0.1)
+    # timeout(1) ends a hung sweep with SIGTERM, on which torchrun stops its workers; the kill of
+    # subprocess.run's own timeout would leave them behind, hung.
+    done = subprocess.run(
+        ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "distsgd.train", "-m", "optim.lr=" + ",".join(map(str, lrs)), f"hydra.sweep.dir={tmp_path}",
+         "data.num_samples=256", "trainer.max_steps=4", "model.width=8", "trainer.device=cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, lr in enumerate(lrs):
+        run_dir = tmp_path / str(job)
+        state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        assert (state["step"], state["world_size"]) == (4, 2)
+        assert read_scalars(run_dir)["train/lr"][0][1] == pytest.approx(lr, rel=1e-7)  # stored as float32
+        for rank in (0, 1):
+            assert str(run_dir) in (run_dir / f"rank{rank}.log").read_text(), f"rank {rank} did not log job {job}"
