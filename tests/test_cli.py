@@ -27,14 +27,17 @@ def test_console_script_runs_a_multirun_sweep(tmp_path):
         assert b"_hparams_/session_start_info" in events and b"optim.lr" in events
 
 
-def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(tmp_path):
+@pytest.mark.parametrize("baseline,overrides", [("minimal", []), ("off", ["diagnostics.layers=true"])])
+def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(baseline, overrides, tmp_path):
     # Not a timing test: the benchmark's figures are only read by people; this keeps it working.
     done = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--steps", "30", "--rounds", "2", "data.num_samples=2048"],
+        [sys.executable, "scripts/bench.py", "--steps", "30", "--rounds", "2", "--baseline", baseline,
+         "data.num_samples=2048", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "final parameters after 30 steps, minimal vs distsgd: identical" in done.stdout
+    # Instruments observe: the run with them ends where the one without does.
+    assert f"final parameters after 30 steps, {baseline} vs distsgd: identical" in done.stdout
     # Turns of 30 steps start at steps 0, 10 and 20; a turn is timed up to the start of the next
     # one, so 2 per run are, and the first is dropped: 1 pair in each of 2 rounds.
     assert "median of 2 paired turns' ratios (95% interval" in done.stdout, done.stdout
