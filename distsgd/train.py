@@ -96,13 +96,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
                                     plan.total_steps, plan.steps_per_epoch)
     log.info("%s", plan.describe(config, dist, schedule, run_dir))
 
-    torch.manual_seed(tc.seed)
-    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
-    if config.model.sync_bn and batchnorm.has_batchnorm(model):
-        model = batchnorm.convert_sync_bn(model, dist.device)
-    model = model.to(dist.device, memory_format=dataset.memory_format(dist.device))
-    optimizer = optim.build_optimizer(config.optim, model.parameters(), schedule(0), dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=tc.precision == "fp16")
+    model, optimizer, scaler = build(config, dataset, dist, schedule(0))
     progress = {"step": 0, "skipped_steps": 0}
     if resume_from is not None:
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
@@ -138,6 +132,20 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
              ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), save.last_path)
     log.info("curves: tensorboard --logdir %s --host 127.0.0.1", run_dir / "tensorboard")
     return metrics
+
+
+def build(config: Config, dataset: data.Dataset, dist: Dist,
+          lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model as ``trainer.seed`` initialises it, on this rank's device, its optimizer at rate
+    ``lr`` and the gradient scaler: what a run trains, before any checkpoint is restored into it."""
+    torch.manual_seed(config.trainer.seed)
+    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
+    if config.model.sync_bn and batchnorm.has_batchnorm(model):
+        model = batchnorm.convert_sync_bn(model, dist.device)
+    model = model.to(dist.device, memory_format=dataset.memory_format(dist.device))
+    optimizer = optim.build_optimizer(config.optim, model.parameters(), lr, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=config.trainer.precision == "fp16")
+    return model, optimizer, scaler
 
 
 def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedule: optim.Schedule,

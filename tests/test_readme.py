@@ -1,7 +1,8 @@
-"""Every training command in README.md parses and composes exactly as written.
+"""Every training or LR range test command in README.md parses and composes exactly as written.
 
 A command is each line of a shell code block, or inline code span, that starts `python -m
-distsgd.train`, `distsgd-train` or `torchrun ... -m distsgd.train` (with `\\` continuations joined).
+distsgd.train`, `distsgd-train` or `torchrun ... -m distsgd.train` (with `\\` continuations joined),
+or the same with `distsgd.lr_find` and `distsgd-lr-find`, which compose the same config.
 It is split as a shell splits it; what follows the entry point must be Hydra's: -m (a sweep) and
 --config-dir, then overrides that Hydra's grammar accepts. "Composes" means that Hydra composes the
 config (every swept value in turn) and distsgd.config.to_config validates it; nothing is read, so a
@@ -25,7 +26,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from distsgd.config import to_config
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
-ENTRY = re.compile(r"(python -m distsgd\.train|distsgd-train|torchrun\s.*?-m distsgd\.train)(\s|$)")
+ENTRY = re.compile(r"(python -m distsgd\.(train|lr_find)|distsgd-(train|lr-find)"
+                   r"|torchrun\s.*?-m distsgd\.(train|lr_find))(\s|$)")
+SCRIPTS, MODULES = ("distsgd-train", "distsgd-lr-find"), ("distsgd.train", "distsgd.lr_find")
 # Unquoted, the shell expands these (globs, braces); zsh even stops at a glob that matches nothing.
 SHELL_PATTERN = set("[]{}*?")
 
@@ -66,7 +69,9 @@ def unquoted(command: str) -> str:
 
 def hydra_arguments(command: str) -> list[str]:
     words = shlex.split(command, comments=True)
-    return words[1:] if words[0] == "distsgd-train" else words[words.index("distsgd.train") + 1:]
+    if words[0] in SCRIPTS:
+        return words[1:]
+    return words[next(i for i, word in enumerate(words) if word in MODULES) + 1:]
 
 
 def compositions(arguments: list[str]) -> list[list[str]]:
@@ -112,6 +117,8 @@ def test_the_commands_are_found_as_a_shell_reads_them():
         "    b=2   # comment [x]",
         "distsgd-train 'c=[1,2]'",
         "bash scripts/demo.sh",
+        "torchrun --standalone --nproc_per_node=2 -m distsgd.lr_find d=3",
+        "distsgd-lr-find",
         "```",
         "```yaml",
         "# @package _global_",
@@ -124,9 +131,10 @@ def test_the_commands_are_found_as_a_shell_reads_them():
     ])
     found = commands(markdown)
     assert found == ["torchrun --nnodes=2 --rdzv-id=$JOB -m distsgd.train a=1     b=2   # comment [x]",
-                     "distsgd-train 'c=[1,2]'", "python -m distsgd.train -m optim.lr=0.1,1"]
-    assert [hydra_arguments(c) for c in found] == [["a=1", "b=2"], ["c=[1,2]"], ["-m", "optim.lr=0.1,1"]]
-    assert [SHELL_PATTERN & set(unquoted(c)) for c in found] == [set(), set(), set()]
+                     "distsgd-train 'c=[1,2]'", "torchrun --standalone --nproc_per_node=2 -m distsgd.lr_find d=3",
+                     "distsgd-lr-find", "python -m distsgd.train -m optim.lr=0.1,1"]
+    assert [hydra_arguments(c) for c in found] == [["a=1", "b=2"], ["c=[1,2]"], ["d=3"], [], ["-m", "optim.lr=0.1,1"]]
+    assert [SHELL_PATTERN & set(unquoted(c)) for c in found] == [set()] * 5
     assert SHELL_PATTERN & set(unquoted("distsgd-train c=[1,2] \"d='~/x'\"")) == {"[", "]"}
     assert user_configs(markdown) == {"mine/experiment/x.yaml": "# @package _global_\n# mine/experiment/x.yaml\n"
                                                                  "optim: {lr: 1}\n"}
