@@ -53,6 +53,7 @@ class Saver:
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
         self.running_stats, self.diagnostics_state = running_stats, diagnostics_state
+        self.config_yaml = to_yaml(config)  # made once: OmegaConf takes tens of ms
         self.last_path: Path | None = None
 
     def __call__(self, step: int, skipped: int, final: bool) -> None:
@@ -70,7 +71,7 @@ class Saver:
                 "skipped_steps": skipped,
                 "world_size": self.dist.world_size,
                 "rng": rng_states,
-                "config": to_yaml(self.config),
+                "config": self.config_yaml,
                 "diagnostics": self.diagnostics_state(),
             }, self.last_path)
             checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
