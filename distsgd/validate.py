@@ -38,7 +38,7 @@ def validate(model: torch.nn.Module, dataset: Dataset, idx: torch.Tensor, loss_f
         x, y = dataset.val_batch(chunk, idx.device)
         with autocast:
             out = model(x)
-            totals[0] += loss_fn(out, y, reduction="none").reshape(len(chunk), -1).mean(1).sum()
+            totals[0] += loss_fn(out, y, reduction="none").reshape(len(chunk), -1).mean(1).sum(dtype=torch.float64)
         if dataset.task == "classification":
             totals[1] += (out.argmax(1) == y).sum()
         totals[2] += len(chunk)
