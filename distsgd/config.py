@@ -83,6 +83,11 @@ OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "e
 class DataConfig:
     name: str = "synthetic"
     global_batch_size: int = 64
+    # Growing batches (Smith et al. 2017): from each of these epochs on, the global batch is
+    # batch_growth times what it was, as schedule.milestones and gamma do for the learning rate.
+    # An integer factor keeps every batch whole, and divisible wherever the first one is.
+    batch_milestones: list[int] = field(default_factory=list)
+    batch_growth: int = 2
     val_fraction: float = 0.2
     # Seed of the data itself (generation and the validation split), separate from trainer.seed
     # so that a sweep over training seeds keeps the same data.
@@ -104,6 +109,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
         _check_positive("data.global_batch_size", self.global_batch_size)
+        milestones = list(self.batch_milestones)
+        _check(all(a < b for a, b in zip([0] + milestones, milestones)), "data.batch_milestones",
+               "strictly increasing positive integers (epochs)", milestones)
+        _check(self.batch_growth >= 1, "data.batch_growth", "an integer >= 1", self.batch_growth)
         _check(0 <= self.val_fraction < 1, "data.val_fraction", "in [0, 1)", self.val_fraction)
         _check_positive("data.num_samples", self.num_samples)
         _check_positive("data.dim", self.dim)

@@ -5,13 +5,18 @@ the same seed on every rank and deals position p to rank p % world_size; a rank'
 of ``global_batch_size / world_size`` samples therefore holds its share of positions
 [k*B, (k+1)*B) of that order, and the union over ranks is the same global batch at any world
 size. Only whole global batches are used, so the sampler's padding is never trained on.
+
+With data.batch_milestones the global batch is a function of the epoch (``BatchSchedule``); each
+epoch is sliced as above with its own batch, so the same holds epoch by epoch.
 """
 
 from __future__ import annotations
 
+import bisect
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -200,10 +205,90 @@ def local_batch_size(global_batch_size: int, world_size: int, accumulate: int = 
     return global_batch_size // world_size
 
 
-def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+def steps_per_epoch(num_train: int, global_batch_size: int, name: str = "") -> int:
+    """Whole global batches in an epoch; ``name`` says which batch it is in an error."""
     if global_batch_size > num_train:
-        raise ConfigError(f"data.global_batch_size={global_batch_size} exceeds the {num_train} training samples")
+        raise ConfigError(f"{name or f'data.global_batch_size={global_batch_size}'} exceeds the {num_train} "
+                          "training samples")
     return num_train // global_batch_size
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The global batch of every epoch, and where each optimizer step falls.
+
+    Epoch e trains with ``B_e = global_batch * growth**(number of milestones <= e)`` in
+    ``floor(num_train / B_e)`` steps. The epochs from one milestone to the next form a phase.
+    Steps count on across epochs, so step t is step ``index`` of epoch ``epoch`` for the one pair
+    with ``first_step(epoch) + index == t``: a pure function of these four numbers, which is what
+    lets a checkpoint's step alone place a resumed run."""
+
+    num_train: int
+    global_batch: int
+    growth: int = 1
+    milestones: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        steps_per_epoch(self.num_train, self.global_batch)
+        for start, batch in zip(self.phase_starts[1:], self.phase_batches[1:]):
+            steps_per_epoch(self.num_train, batch, f"data.batch_milestones={list(self.milestones)} with "
+                                                   f"data.batch_growth={self.growth}: the global batch {batch} "
+                                                   f"from epoch {start}")
+
+    @staticmethod
+    def of(cfg: DataConfig, num_train: int) -> "BatchSchedule":
+        return BatchSchedule(num_train, cfg.global_batch_size, cfg.batch_growth, tuple(cfg.batch_milestones))
+
+    @property
+    def phase_starts(self) -> tuple[int, ...]:
+        """The first epoch of each phase."""
+        return (0, *self.milestones)
+
+    @property
+    def phase_batches(self) -> tuple[int, ...]:
+        return tuple(self.global_batch * self.growth**p for p in range(len(self.phase_starts)))
+
+    @property
+    def phase_first_steps(self) -> tuple[int, ...]:
+        firsts = [0]
+        for start, end, batch in zip(self.phase_starts, self.milestones, self.phase_batches):
+            firsts.append(firsts[-1] + (end - start) * (self.num_train // batch))
+        return tuple(firsts)
+
+    def phase(self, epoch: int) -> int:
+        return bisect.bisect_right(self.milestones, epoch)
+
+    def batch(self, epoch: int) -> int:
+        return self.phase_batches[self.phase(epoch)]
+
+    def steps_in(self, epoch: int) -> int:
+        return self.num_train // self.batch(epoch)
+
+    def first_step(self, epoch: int) -> int:
+        """Steps in the epochs before ``epoch``."""
+        p = self.phase(epoch)
+        return self.phase_first_steps[p] + (epoch - self.phase_starts[p]) * self.steps_in(epoch)
+
+    def step_phase(self, step: int) -> int:
+        """The phase that update ``step`` is in."""
+        return bisect.bisect_right(self.phase_first_steps, step) - 1
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, index of the step in that epoch)."""
+        p = self.step_phase(step)
+        epochs, index = divmod(step - self.phase_first_steps[p], self.num_train // self.phase_batches[p])
+        return self.phase_starts[p] + epochs, index
+
+    def epochs_at(self, step: int) -> Fraction:
+        """Epochs done before update ``step``: ``epoch + index / steps in that epoch``, exact."""
+        epoch, index = self.locate(step)
+        return epoch + Fraction(index, self.steps_in(epoch))
+
+    def samples_before(self, step: int) -> int:
+        """Samples in the global batches of updates 0..step-1."""
+        ends = (*self.phase_first_steps[1:], step)
+        return sum(max(min(step, end) - first, 0) * batch
+                   for first, end, batch in zip(self.phase_first_steps, ends, self.phase_batches))
 
 
 def train_order(num_train: int, rank: int, world_size: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:

@@ -42,7 +42,6 @@ class NoiseScale:
         self.world_size, self.accumulate = world_size, accumulate
         # Per rank when there are several (micro-batches are summed inside the rank); else per micro-batch.
         self.pieces = world_size if world_size > 1 else accumulate
-        self.big, self.small = global_batch, global_batch // self.pieces
         self.ema_samples = cfg.noise_ema_samples or 20 * global_batch
         self.local = torch.zeros((), dtype=torch.float64, device=device)  # sum of small-batch squared norms
         self.work = None
@@ -94,13 +93,14 @@ class NoiseScale:
 
     # -- estimating, on the host, from the values read with the step's other numbers
 
-    def update(self, small_sum: float, big_sq: float, grad_scale: float) -> dict[str, float]:
-        """Fold this step in (a non-finite one is left out); the values to log."""
+    def update(self, small_sum: float, big_sq: float, grad_scale: float, big: int) -> dict[str, float]:
+        """Fold in this step, whose global batch held ``big`` samples (a non-finite step is left
+        out); the values to log."""
         # Micro-batch gradients were measured as their share (1/accumulate) of the step's gradient.
         per_piece = self.accumulate**2 if self.world_size == 1 else 1
         small_sq = small_sum / self.pieces * per_piece / grad_scale**2
         if math.isfinite(small_sq) and math.isfinite(big_sq):
-            b, big = self.small, self.big
+            b = big // self.pieces
             decay = math.exp(-big / self.ema_samples)
             for key, value in (("grad_sq", (big * big_sq - b * small_sq) / (big - b)),
                                ("trace_cov", (small_sq - big_sq) / (1 / b - 1 / big)), ("weight", 1.0)):

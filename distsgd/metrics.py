@@ -75,9 +75,9 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 class Throughput:
     """Training samples per second between logged steps; time spent validating is left out."""
 
-    def __init__(self, first_step: int) -> None:
-        # A resumed run has trained from first_step on, not after it, when it first logs.
-        self.last_step, self.last_time = first_step - 1, time.perf_counter()
+    def __init__(self, samples_before: int) -> None:
+        # A resumed run has trained from its first step on, not after it, when it first logs.
+        self.last_samples, self.last_time = samples_before, time.perf_counter()
         self.excluded = 0.0
 
     @contextmanager
@@ -88,11 +88,12 @@ class Throughput:
         finally:
             self.excluded += time.perf_counter() - start
 
-    def samples_per_sec(self, step: int, samples_per_step: int) -> float | None:
-        """Since the last call (None at step 0: its time is mostly start-up)."""
+    def samples_per_sec(self, step: int, samples: int) -> float | None:
+        """Since the last call, ``samples`` being all the samples trained on up to now (None at
+        step 0: its time is mostly start-up)."""
         now = time.perf_counter()
-        rate = (step - self.last_step) * samples_per_step / (now - self.last_time - self.excluded) if step else None
-        self.last_step, self.last_time, self.excluded = step, now, 0.0
+        rate = (samples - self.last_samples) / (now - self.last_time - self.excluded) if step else None
+        self.last_samples, self.last_time, self.excluded = samples, now, 0.0
         return rate
 
 

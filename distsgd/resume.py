@@ -121,7 +121,8 @@ def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, 
         flat = flatten(tree)
         return {k: v for k, v in flat.items() if k.startswith(TRAJECTORY_KEYS) and k not in NOT_TRAJECTORY}
 
-    saved = relevant(OmegaConf.to_container(saved_config))
+    # A key added to distsgd after the checkpoint was written counts as its default there.
+    saved = relevant(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), saved_config)))
     now = relevant(OmegaConf.to_container(OmegaConf.structured(config)))
     saved["schedule total steps"] = state["scheduler"]["total_steps"]
     now["schedule total steps"] = schedule.total_steps

@@ -132,7 +132,9 @@ class TrainStep:
         else:
             self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 overflowed
         self.scaler.update()
-        diagnostics = self.noise.update(small[0], norm**2, scale) if self.noise is not None and not skipped else {}
+        diagnostics = {}
+        if self.noise is not None and not skipped:  # len(x): the global batch can grow (data.batch_milestones)
+            diagnostics = self.noise.update(small[0], norm**2, scale, big=len(x) * self.world_size)
         if self.layers is not None and observe:
             diagnostics.update(self.layers.after_update())
         return StepResult(loss, norm, skipped, bool(stop_requested), diagnostics)

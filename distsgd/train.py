@@ -61,39 +61,53 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Plan:
-    """How long the run is and how each global batch is split."""
+    """How long the run is and how each epoch's global batch is split."""
 
-    batch: int  # samples per rank and step
-    steps_per_epoch: int
+    batches: data.BatchSchedule
+    world_size: int
+    accumulate: int
     total_steps: int
 
     @staticmethod
     def of(config: Config, num_train: int, world_size: int) -> "Plan":
         tc = config.trainer
-        steps_per_epoch = data.steps_per_epoch(num_train, config.data.global_batch_size)
-        limits = [n for n in (tc.max_steps, tc.max_epochs and tc.max_epochs * steps_per_epoch) if n]
-        return Plan(data.local_batch_size(config.data.global_batch_size, world_size, tc.accumulate),
-                    steps_per_epoch, min(limits, default=DEFAULT_MAX_STEPS))
+        batches = data.BatchSchedule.of(config.data, num_train)
+        # Every later batch is the first times an integer, so it divides wherever the first does.
+        data.local_batch_size(batches.global_batch, world_size, tc.accumulate)
+        limits = [n for n in (tc.max_steps, tc.max_epochs and batches.first_step(tc.max_epochs)) if n]
+        return Plan(batches, world_size, tc.accumulate, min(limits, default=DEFAULT_MAX_STEPS))
+
+    def local_batch(self, epoch: int) -> int:
+        """Samples per rank and step in ``epoch``."""
+        return self.batches.batch(epoch) // self.world_size
 
     def describe(self, config: Config, dist: Dist, schedule: optim.Schedule, run_dir: Path) -> str:
+        rates = ", ".join(f"{lr:g}" for lr in schedule.base_lrs)
         lr = (f"lr {config.optim.lr:g} at batch {config.optim.reference_batch_size}, {config.optim.scaling} scaling -> "
-              f"{schedule.base_lr:g}" if config.optim.scaling != "none" else f"lr {schedule.base_lr:g}")
-        accumulate = config.trainer.accumulate
-        return (f"world size {dist.world_size}; {self.batch} samples per rank and step, in {accumulate} "
-                f"micro-batch(es) of {self.batch // accumulate}; global batch {config.data.global_batch_size}; "
-                f"{self.steps_per_epoch} steps per epoch; {self.total_steps} steps = "
-                f"{self.total_steps / self.steps_per_epoch:.4g} epochs; {lr}; {config.schedule.name} schedule; "
+              f"{rates}" if config.optim.scaling != "none" else f"lr {schedule.base_lr:g}")
+        phases = [f"{self._split(start)}; global batch {self.batches.batch(start)}; "
+                  f"{self.batches.steps_in(start)} steps per epoch" for start in self.batches.phase_starts]
+        if self.batches.milestones:
+            phases = [f"from epoch {start}: {phase}" for start, phase in zip(self.batches.phase_starts, phases)]
+        return (f"world size {dist.world_size}; {'; '.join(phases)}; {self.total_steps} steps = "
+                f"{float(self.batches.epochs_at(self.total_steps)):.4g} epochs; {lr}; {config.schedule.name} schedule; "
                 f"run directory {run_dir}")
+
+    def _split(self, epoch: int) -> str:
+        batch = self.local_batch(epoch)
+        return (f"{batch} samples per rank and step, in {self.accumulate} micro-batch(es) of "
+                f"{batch // self.accumulate}")
 
 
 def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
           resume_from: Path | None = None) -> dict[str, float]:
     """The training run on a joined process group; ``resume_from`` is a checkpoint that rank 0
     has verified (``run`` chooses it)."""
-    tc, global_batch = config.trainer, config.data.global_batch_size
+    tc = config.trainer
     plan = Plan.of(config, len(dataset.x_train), dist.world_size)
-    schedule = optim.build_schedule(config.schedule, optim.scaled_lr(config.optim, global_batch),
-                                    plan.total_steps, plan.steps_per_epoch)
+    schedule = optim.build_schedule(config.schedule, [optim.scaled_lr(config.optim, batch)
+                                                      for batch in plan.batches.phase_batches],
+                                    plan.total_steps, plan.batches)
     log.info("%s", plan.describe(config, dist, schedule, run_dir))
 
     model, optimizer, scaler = build(config, dataset, dist, schedule(0))
@@ -101,7 +115,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     if resume_from is not None:
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
     loss_fn = models.loss_fn(dataset.task)
-    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, global_batch)
+    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, plan.batches.global_batch)
     train_step.load_state_dict(progress.get("diagnostics", {}))
     running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None)
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
@@ -155,10 +169,11 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
     Returns the number of skipped steps."""
     tc = config.trainer
     step, skipped, consecutive = progress["step"], progress["skipped_steps"], 0
-    throughput = Throughput(step)
+    throughput = Throughput(plan.batches.samples_before(step))
     while step < plan.total_steps:
-        epoch, first = divmod(step, plan.steps_per_epoch)
-        for x, y in dataset.train_batches(epoch, first, plan.steps_per_epoch, plan.batch, dist, tc.seed):
+        epoch, first = plan.batches.locate(step)
+        steps = plan.batches.steps_in(epoch)
+        for x, y in dataset.train_batches(epoch, first, steps, plan.local_batch(epoch), dist, tc.seed):
             if step % tc.val_every == 0:
                 with throughput.paused():
                     metrics.update(validation(step))
@@ -171,7 +186,7 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
                 save(step, skipped, final=False)
                 raise Stopped(nonfinite_message(step, result.loss, result.grad_norm, consecutive, tc, save.last_path), 3)
             if logged:
-                _log_step(logger, metrics, step, result, lr, skipped, throughput, config.data.global_batch_size)
+                _log_step(logger, metrics, step, result, lr, skipped, throughput, plan.batches)
             else:
                 logger.progress(step + 1)
             step += 1
@@ -187,10 +202,12 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
 
 
 def _log_step(logger, metrics: dict, step: int, result: StepResult, lr: float, skipped: int,
-              throughput: Throughput, global_batch: int) -> None:
+              throughput: Throughput, batches: data.BatchSchedule) -> None:
+    samples = batches.samples_before(step + 1)
     metrics.update({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
-                    "train/skipped_steps": skipped})
-    rate = throughput.samples_per_sec(step, global_batch)
+                    "train/skipped_steps": skipped, "train/samples": samples,
+                    "train/global_batch_size": batches.phase_batches[batches.step_phase(step)]})
+    rate = throughput.samples_per_sec(step, samples)
     if rate is not None:
         metrics["train/samples_per_sec"] = rate
     logger.scalars(step, {**_group(metrics, "train/"), **result.diagnostics})

@@ -40,7 +40,8 @@ def test_every_option_composes_and_builds(group, option):
     model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
     lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
     optimizer = optim.build_optimizer(config.optim, model.parameters(), lr)
-    schedule = optim.build_schedule(config.schedule, lr, total_steps=100, steps_per_epoch=10)
+    ten_steps_per_epoch = data.BatchSchedule(10 * config.data.global_batch_size, config.data.global_batch_size)
+    schedule = optim.build_schedule(config.schedule, [lr], total_steps=100, batches=ten_steps_per_epoch)
     assert optimizer.param_groups[0]["lr"] == lr
     warmup = config.schedule.warmup_steps * (10 if config.schedule.unit == "epochs" else 1)
     assert schedule(0) == pytest.approx(lr / max(warmup, 1))  # every decay starts at the base rate

@@ -14,6 +14,7 @@ from distsgd.config import ConfigError, OptimConfig, ScheduleConfig, to_config
 from distsgd.optim import build_optimizer, build_schedule, scaled_lr
 
 LR, TOTAL, SPE = 0.5, 100, 10  # base rate, run length in steps, steps per epoch
+EPOCHS = data.BatchSchedule(num_train=SPE * 8, global_batch=8)  # a constant batch, SPE steps per epoch
 
 
 def closed_form(name: str, t: int, warmup: int, total: int, unit: int) -> float:
@@ -41,7 +42,7 @@ SCHEDULE_ARGS = dict(step_size=3, milestones=[2, 5], gamma=0.5, decay_rate=0.3, 
 def test_schedule_equals_closed_form(name, warmup, unit):
     args = dict(SCHEDULE_ARGS, gamma=0.9) if name == "exponential" else SCHEDULE_ARGS
     scale = SPE if unit == "epochs" else 1
-    schedule = build_schedule(ScheduleConfig(name=name, unit=unit, warmup_steps=warmup, **args), LR, TOTAL, SPE)
+    schedule = build_schedule(ScheduleConfig(name=name, unit=unit, warmup_steps=warmup, **args), [LR], TOTAL, EPOCHS)
     w = warmup * scale
     # With warmup=4 steps, the step boundary 3 and the milestone 2 fall inside the warmup.
     for t in [0, 1, 2, 3, w, w + 1, w + 7, w + 23, TOTAL // 2, TOTAL - 1]:
@@ -67,7 +68,7 @@ def torch_rates(make_scheduler, base_lr: float, steps: int) -> list[float]:
 def test_boundaries_count_from_step_0_as_torchs_steplr_and_multisteplr(name, unit):
     scale, warmup, milestones, step_size = (SPE, 2, [3, 6, 8], 3) if unit == "epochs" else (1, 7, [5, 20, 60], 9)
     cfg = ScheduleConfig(name=name, unit=unit, warmup_steps=warmup, milestones=milestones, step_size=step_size)
-    schedule = build_schedule(cfg, LR, TOTAL, SPE)
+    schedule = build_schedule(cfg, [LR], TOTAL, EPOCHS)
     w = warmup * scale
     decay = (lambda o: MultiStepLR(o, [m * scale for m in milestones], gamma=0.1)) if name == "multistep" else (
         lambda o: StepLR(o, step_size * scale, gamma=0.1))
@@ -85,7 +86,8 @@ def test_goyal_experiment_decays_at_epochs_10_and_15_after_2_warmup_epochs():
     train = len(data.load(config.data).x_train)
     spe = data.steps_per_epoch(train, config.data.global_batch_size)
     lr = scaled_lr(config.optim, config.data.global_batch_size)
-    schedule = build_schedule(config.schedule, lr, config.trainer.max_epochs * spe, spe)
+    schedule = build_schedule(config.schedule, [lr], config.trainer.max_epochs * spe,
+                              data.BatchSchedule(train, config.data.global_batch_size))
     assert (spe, lr) == (25, pytest.approx(0.4))  # 80% of 32768 samples / 1024; 0.1 x 1024/256
     assert schedule(0) == pytest.approx(lr / (2 * spe))
     assert [schedule(2 * spe - 1), schedule(2 * spe)] == pytest.approx([lr, lr])
@@ -95,7 +97,7 @@ def test_goyal_experiment_decays_at_epochs_10_and_15_after_2_warmup_epochs():
 
 
 def test_warmup_ramps_linearly_to_the_base_rate():
-    schedule = build_schedule(ScheduleConfig(name="cosine", warmup_steps=10), LR, TOTAL, SPE)
+    schedule = build_schedule(ScheduleConfig(name="cosine", warmup_steps=10), [LR], TOTAL, EPOCHS)
     assert [schedule(t) for t in range(10)] == pytest.approx([LR * (t + 1) / 10 for t in range(10)])
     assert schedule(10) == pytest.approx(LR)  # the decay's own t=0
     assert schedule(TOTAL - 1) < 0.01 * LR
@@ -103,7 +105,7 @@ def test_warmup_ramps_linearly_to_the_base_rate():
 
 def test_warmup_longer_than_the_run_is_an_error():
     with pytest.raises(ConfigError, match="schedule.warmup_steps=20 .* longer than the run's 100 steps"):
-        build_schedule(ScheduleConfig(name="constant", warmup_steps=20, unit="epochs"), LR, TOTAL, SPE)
+        build_schedule(ScheduleConfig(name="constant", warmup_steps=20, unit="epochs"), [LR], TOTAL, EPOCHS)
 
 
 def one_step(cfg: OptimConfig, grads: list[torch.Tensor], lr: float = 0.1, steps: int = 1) -> torch.Tensor:

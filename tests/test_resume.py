@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import final_params, make_config, read_scalars
 
-from distsgd import data
+from distsgd import checkpoint, data
 from distsgd.config import ConfigError, to_config
 from distsgd.train import run
 
@@ -202,6 +203,21 @@ def test_a_different_trajectory_is_an_error_naming_the_keys(tmp_path, caplog):
     assert state["step"] == 10
     assert state["optimizer"]["param_groups"][0]["momentum"] == 0.5  # not the checkpoint's 0.9
     assert not torch.equal(state["model"]["1.weight"], final_params(saved)["1.weight"])
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path, caplog):
+    saved = tmp_path / "saved"
+    run(make_config(*MOMENTUM, "trainer.max_steps=10", "trainer.checkpoint_every=5"), saved)
+    run_dir = interrupted_after(saved, 5, tmp_path / "old")
+    path = run_dir / "checkpoints" / "step_00000005.pt"
+    state = checkpoint.load(path)
+    old_config = yaml.safe_load(state["config"])
+    del old_config["data"]["batch_milestones"], old_config["data"]["batch_growth"], old_config["diagnostics"]
+    checkpoint.save({**state, "config": yaml.safe_dump(old_config)}, path)
+    caplog.set_level(logging.INFO, logger="distsgd")
+    run(make_config(*MOMENTUM, "trainer.max_steps=10"), run_dir)
+    assert resumed_steps(caplog) == [5]
+    assert_bitwise_equal(final_params(run_dir), final_params(saved))
 
 
 def test_the_override_may_change_the_optimizer_but_not_the_model(tmp_path, caplog):

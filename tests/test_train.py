@@ -91,16 +91,16 @@ def test_a_stopped_run_closes_its_curves_with_an_hparams_entry(tmp_path):
     assert b"_hparams_/session_start_info" in events and b"_hparams_/session_end_info" in events
 
 
-def test_samples_per_sec_counts_every_step_trained_since_the_last_point(monkeypatch):
+def test_samples_per_sec_counts_every_sample_trained_since_the_last_point(monkeypatch):
     clock = iter([100.0, 106.0, 107.0, 108.0, 109.0, 200.0, 201.0])  # each reading of the clock, in order
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-    resumed = metrics.Throughput(first_step=25)
-    assert resumed.samples_per_sec(30, samples_per_step=10) == pytest_approx(6 * 10 / 6)  # steps 25..30
+    resumed = metrics.Throughput(samples_before=250)  # resumed at step 25 of 10-sample steps
+    assert resumed.samples_per_sec(30, samples=310) == pytest_approx(6 * 10 / 6)  # steps 25..30
     with resumed.paused():  # 107 to 108: validation is not training
         pass
-    assert resumed.samples_per_sec(40, samples_per_step=10) == pytest_approx(10 * 10 / 2)  # 3 s less 1
-    fresh = metrics.Throughput(first_step=0)
-    assert fresh.samples_per_sec(0, samples_per_step=10) is None  # step 0's time is mostly start-up
+    assert resumed.samples_per_sec(40, samples=410) == pytest_approx(10 * 10 / 2)  # 3 s less 1
+    fresh = metrics.Throughput(samples_before=0)
+    assert fresh.samples_per_sec(0, samples=10) is None  # step 0's time is mostly start-up
 
 
 def test_normalisation_statistics_are_on_the_device_once_placed():
