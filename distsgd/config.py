@@ -47,18 +47,21 @@ def _check_non_negative(key: str, value: float) -> None:
     _check(value >= 0, key, ">= 0", value)
 
 
-def _reject_ignored(config, group: str, used_by: dict[str, tuple[str, ...]]) -> None:
+def _reject_ignored(config, group: str, used_by: dict[str, tuple[str, ...]], option: str = "name") -> None:
     """A key set away from its default that the chosen option never reads would change nothing,
-    silently; the defaults themselves pass, so the option files may set what other options read."""
+    silently; the defaults themselves pass, so the option files may set what other options read.
+    ``option``: the field that chooses (a config group's ``name``, or e.g. trainer's ``comm_hook``)."""
+    chosen = getattr(config, option)
+    choice = group if option == "name" else f"{group}.{option}"
     for spec in fields(config):
-        users = [option for option, keys in used_by.items() if spec.name in keys]
-        if not users or config.name in users:
+        users = [name for name, keys in used_by.items() if spec.name in keys]
+        if not users or chosen in users:
             continue
         default = spec.default_factory() if spec.default is MISSING else spec.default
         value = getattr(config, spec.name)
         _check(value == default, f"{group}.{spec.name}",
-               f"left at {default!r} with {group}={config.name}, which ignores it "
-               f"(it is for {group}={'|'.join(users)})", value)
+               f"left at {default!r} with {choice}={chosen}, which ignores it "
+               f"(it is for {choice}={'|'.join(users)})", value)
 
 
 def _home(path: Optional[str]) -> Optional[str]:
@@ -77,6 +80,10 @@ MODEL_KEYS = {"linear": (), "logistic": (), "mlp": ("depth", "width", "activatio
               "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn")}
 OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
               "adagrad": ("eps",), "rmsprop": ("momentum", "alpha", "eps")}
+# trainer.comm_hook: how DDP communicates gradients (distsgd/comm.py), and the keys each hook reads.
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd", "local_sgd")
+COMM_HOOK_KEYS = {"powersgd": ("powersgd_rank", "powersgd_warmup_steps"),
+                  "local_sgd": ("local_sgd_period", "local_sgd_warmup_steps")}
 
 
 @dataclass
@@ -222,6 +229,15 @@ class TrainerConfig:
     val_every: int = 50
     # Bucket size of the manual all-reduce engine; DDP's default is 25 MiB too.
     bucket_mb: float = 25.0
+    # Gradient communication on the DDP engine (see distsgd/comm.py): none (DDP's all-reduce), fp16 or
+    # bf16 (all-reduce in half precision), powersgd (rank-r compression with error feedback after
+    # powersgd_warmup_steps plain steps), local_sgd (after local_sgd_warmup_steps synchronous steps,
+    # each rank steps alone and the parameters are averaged every local_sgd_period steps).
+    comm_hook: str = "none"
+    powersgd_rank: int = 2
+    powersgd_warmup_steps: int = 10
+    local_sgd_period: int = 4
+    local_sgd_warmup_steps: int = 0
     # Micro-batches per rank and step; the update equals the one for the whole global batch.
     accumulate: int = 1
     precision: str = "32"
@@ -249,6 +265,16 @@ class TrainerConfig:
         _check_positive("trainer.log_every", self.log_every)
         _check_positive("trainer.val_every", self.val_every)
         _check_positive("trainer.bucket_mb", self.bucket_mb)
+        _check_choice("trainer.comm_hook", self.comm_hook, COMM_HOOKS)
+        _check(self.allreduce == "ddp" or self.comm_hook == "none", "trainer.comm_hook",
+               "none with trainer.allreduce=manual (communication hooks are DDP's)", self.comm_hook)
+        _reject_ignored(self, "trainer", COMM_HOOK_KEYS, option="comm_hook")
+        _check_positive("trainer.powersgd_rank", self.powersgd_rank)
+        # torch's PowerSGD keeps error feedback and warm-start state per DDP bucket, and DDP
+        # rebuilds its buckets after the first step: compression can start at step 2 at the earliest.
+        _check(self.powersgd_warmup_steps >= 2, "trainer.powersgd_warmup_steps", ">= 2", self.powersgd_warmup_steps)
+        _check_positive("trainer.local_sgd_period", self.local_sgd_period)
+        _check_non_negative("trainer.local_sgd_warmup_steps", self.local_sgd_warmup_steps)
         _check_positive("trainer.accumulate", self.accumulate)
         _check_choice("trainer.precision", self.precision, ("32", "bf16", "fp16"))
         if self.clip_grad_norm is not None:

@@ -3,7 +3,8 @@ from, and restoring it after checking that the config continues the same traject
 
 checkpoint.py knows files (atomic writes, hashes, the newest valid one); this module knows what a
 distsgd run keeps in them: model, optimizer, scaler, schedule, step, skipped steps, world size,
-every rank's RNG states and the config.
+every rank's RNG states and the config; with PowerSGD or local SGD also what differs between the
+ranks (comm.py's rank_state), under "comm", one entry per rank.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("distsgd")
 
 # What decides the trajectory: a resumed run must agree with its checkpoint on these.
 TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
-                   "trainer.clip_grad_norm")
+                   "trainer.clip_grad_norm", "trainer.comm_hook", "trainer.powersgd_", "trainer.local_sgd_")
 NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
 # What Saver writes besides "model" and "step".
 TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_size", "rng", "config")
@@ -46,40 +47,49 @@ def choose(tc: TrainerConfig, directory: Path) -> Path | None:
 
 
 class Saver:
-    """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
+    """Writes checkpoints: every rank contributes its RNG state (and ``rank_state()``, unless it is
+    None), rank 0 writes, all wait for it."""
 
     def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
-                 dist: Dist, running_stats: RunningStats, diagnostics_state=dict):
+                 dist: Dist, running_stats: RunningStats, diagnostics_state=dict, rank_state=lambda: None):
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
-        self.running_stats, self.diagnostics_state = running_stats, diagnostics_state
+        self.running_stats, self.diagnostics_state, self.rank_state = running_stats, diagnostics_state, rank_state
         self.config_yaml = to_yaml(config)  # made once: OmegaConf takes tens of ms
         self.last_path: Path | None = None
 
     def __call__(self, step: int, skipped: int, final: bool) -> None:
-        self.running_stats.sync(step)
         rng_states: list = [None] * self.dist.world_size
         torch.distributed.all_gather_object(rng_states, checkpoint.rng_state(self.dist.device))
+        extra = {}
+        own = self.rank_state()  # None on every rank alike (the config decides)
+        if own is not None:
+            # Gathered on rank 0 only: with local SGD these are W copies of the model and optimizer state.
+            extra["comm"] = [None] * self.dist.world_size if self.dist.is_main else None
+            torch.distributed.gather_object(own, extra["comm"], dst=0)
         self.last_path = self.directory / "last.pt" if final else checkpoint.step_path(self.directory, step)
-        if self.dist.is_main:
-            checkpoint.save({
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "scheduler": self.schedule.state_dict(),
-                "step": step,
-                "skipped_steps": skipped,
-                "world_size": self.dist.world_size,
-                "rng": rng_states,
-                "config": self.config_yaml,
-                "diagnostics": self.diagnostics_state(),
-            }, self.last_path)
-            checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
+        with self.running_stats.synced(step):
+            if self.dist.is_main:
+                checkpoint.save({
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "scheduler": self.schedule.state_dict(),
+                    "step": step,
+                    "skipped_steps": skipped,
+                    "world_size": self.dist.world_size,
+                    "rng": rng_states,
+                    "config": self.config_yaml,
+                    "diagnostics": self.diagnostics_state(),
+                    **extra,
+                }, self.last_path)
+                checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
         torch.distributed.barrier()
 
 
 def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
-    """Load ``path`` into the model, optimizer and scaler; returns {"step", "skipped_steps"}."""
+    """Load ``path`` into the model, optimizer and scaler; returns {"step", "skipped_steps",
+    "diagnostics", "comm"}, the last this rank's entry of "comm" (None if none fits this run)."""
     state = checkpoint.load(path, verified=dist.is_main)  # rank 0 hashed it just now, choosing it
     # checkpoint.load vouches for "model" and "step" only; a foreign file could still lack the rest.
     missing = [key for key in TRAINING_STATE if key not in state]
@@ -92,14 +102,17 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     # (momentum, betas, ...), silently undoing what resume_override allowed to change.
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     saved_optimizer = saved_config.optim.name
+    rank_state = state["comm"][dist.rank] if state.get("comm") and state["world_size"] == dist.world_size else None
+    # Local SGD: each rank's own optimizer and scaler state, where the checkpoint has them for this rank.
+    own = rank_state if rank_state and "optimizer" in rank_state and config.trainer.comm_hook == "local_sgd" else state
     try:
         model.load_state_dict(state["model"])
         if saved_optimizer == config.optim.name:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(own["optimizer"])
         else:  # another optimizer's state (an SGD momentum buffer for Adam) would crash its first step
             log.warning("optim.name changed from %s to %s: the optimizer state starts afresh",
                         saved_optimizer, config.optim.name)
-        scaler.load_state_dict(state["scaler"])
+        scaler.load_state_dict(own["scaler"])
     except (RuntimeError, ValueError, KeyError) as err:
         # torch's first line is often only a heading ("Error(s) in loading state_dict for ...:").
         reason = next((line.strip() for line in str(err).splitlines() if line.strip() and not line.endswith(":")),
@@ -111,7 +124,8 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     if state["world_size"] == dist.world_size:
         checkpoint.set_rng_state(state["rng"][dist.rank], dist.device)
     log.info("resumed from %s at step %d", path, state["step"])
-    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {})}
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {}),
+            "comm": rank_state}
 
 
 def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,

@@ -3,6 +3,7 @@ the manual engine), unscaling, the gradient norm and clipping, the non-finite gu
 
 Each rank's loss and stop request travel with the gradients (``WithStepStats``), so a step adds
 no collective of its own, and its verdict (apply the update or skip it) is the same on every rank.
+Where gradients stay on their rank (local SGD, comm.py), one small all-reduce carries them instead.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from distsgd import distributed, optim
+from distsgd import comm, distributed, optim
 from distsgd.batchnorm import BufferBackup
 from distsgd.config import DiagnosticsConfig, TrainerConfig
 from distsgd.diagnostics import LayerStats, NoiseScale
@@ -54,18 +55,21 @@ class WithStepStats(torch.nn.Module):
         """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
         return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)]]))
 
-    def read(self, *more: torch.Tensor) -> list[float]:
+    def read(self, *more: torch.Tensor, world_size: int = 1) -> list[float]:
         """The averaged [loss, stop] (then ``more``), in one read from the device; then clears
-        ``stats.grad`` for the next step."""
-        values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)]).tolist()
+        ``stats.grad`` for the next step. ``world_size`` > 1: the gradients stayed on their rank
+        (local SGD), so these are averaged over the ranks here, ``more`` too."""
+        values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)])
+        if world_size > 1:
+            distributed.all_reduce_sum(values.div_(world_size))
         self.stats.grad = None
-        return values
+        return values.tolist()
 
 
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # the global batch's mean loss, before the update
-    grad_norm: float  # of the averaged (and unscaled) gradient, before clipping
+    grad_norm: float  # of the averaged (and unscaled) gradient, before clipping; local SGD: the ranks' mean
     skipped: bool  # the guard refused the update: non-finite loss, or gradient in fp32/bf16
     stop_requested: bool  # some rank received a stop signal
     diagnostics: dict[str, float] = field(default_factory=dict)  # gns/* every step, layers/* when observed
@@ -90,15 +94,18 @@ class TrainStep:
         # DDP's bucket boundaries (DDPOptimizer).
         self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device)
         self.buckets = None
+        self.comm = comm.build(tc, diagnostics, self.params, optimizer, scaler)
         if tc.allreduce == "ddp":
             # Gradients as views into DDP's all-reduce buckets: the averaged gradients are not copied
             # out of the buckets every step (the values are the same). Buffers stay each rank's own,
             # as with the manual engine: batchnorm.py's rule makes them agree before use.
             self.net = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS)
+                                               gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS,
+                                               **self.comm.ddp_options())
             if self.noise is not None and dist.world_size > 1:
                 # The rank's own gradient exists only inside DDP's all-reduce.
                 self.net.register_comm_hook(None, self.noise.hook(exclude=self.stats.stats))
+            self.comm.register(self.net)
         else:
             distributed.broadcast_parameters(self.net)
             self.buckets = distributed.make_buckets(list(self.net.parameters()), int(tc.bucket_mb * 2**20))
@@ -123,8 +130,10 @@ class TrainStep:
             self.layers.before_update()
         if self.tc.clip_grad_norm is not None:
             clip_grads_with_norm_(self.params, self.tc.clip_grad_norm, grad_norm)
-        # Averaged with the gradients, these are the same numbers on every rank, and so is the verdict.
-        loss, stop_requested, norm, *small = self.stats.read(grad_norm, *self._noise_sum())
+        # Averaged with the gradients (or apart from them, where they stay local), these are the
+        # same numbers on every rank, and so is the verdict.
+        local = self.world_size if self.comm.gradients_local() else 1
+        loss, stop_requested, norm, *small = self.stats.read(grad_norm, *self._noise_sum(), world_size=local)
         # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
         skipped = not (math.isfinite(loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
         if skipped:
@@ -132,6 +141,7 @@ class TrainStep:
         else:
             self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 overflowed
         self.scaler.update()
+        self.comm.after_step(skipped or not math.isfinite(norm))
         diagnostics = {}
         if self.noise is not None and not skipped:  # len(x): the global batch can grow (data.batch_milestones)
             diagnostics = self.noise.update(small[0], norm**2, scale, big=len(x) * self.world_size)

@@ -117,18 +117,22 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     loss_fn = models.loss_fn(dataset.task)
     train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, plan.batches.global_batch)
     train_step.load_state_dict(progress.get("diagnostics", {}))
-    running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None)
+    train_step.comm.load_rank_state(progress.get("comm"), progress["step"])
+    if tc.comm_hook != "none":
+        log.info("%s", train_step.comm.describe())
+    running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None,
+                                 averaged=train_step.comm.averaged)
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
 
     def validation(step: int) -> dict[str, float]:
-        running_stats.sync(step)
-        return validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+        with running_stats.synced(step):
+            return validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
 
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
-                        train_step.state_dict)
+                        train_step.state_dict, train_step.comm.rank_state)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:

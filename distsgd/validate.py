@@ -3,6 +3,8 @@ over the ranks, each sample counted once, the same numbers at any world size."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 
 from distsgd import batchnorm, distributed
@@ -14,15 +16,26 @@ EVAL_CHUNK = 4096  # validation samples per forward pass; only memory depends on
 class RunningStats:
     """Plain BatchNorm's running statistics, made the same on every rank (their average, see
     batchnorm.py) before the model is validated or saved; once per step, since averaging equal
-    values again could still round differently."""
+    values again could still round differently. ``averaged``: a context in which the parameters
+    are the ranks' average where they differ (local SGD, comm.py), the model that validation and
+    checkpoints describe."""
 
-    def __init__(self, model: torch.nn.Module, world_size: int, synced_at: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, world_size: int, synced_at: int | None = None,
+                 averaged=nullcontext) -> None:
         self.buffers, self.world_size, self.synced_at = batchnorm.local_running_stats(model), world_size, synced_at
+        self.averaged = averaged
 
     def sync(self, step: int) -> None:
         if step != self.synced_at:
             batchnorm.average_over_ranks(self.buffers, self.world_size)
             self.synced_at = step
+
+    @contextmanager
+    def synced(self, step: int):
+        """The model as validated and saved at ``step``, inside (every rank enters)."""
+        self.sync(step)
+        with self.averaged():
+            yield
 
 
 @torch.no_grad()

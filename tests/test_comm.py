@@ -1,0 +1,226 @@
+"""Gradient communication (trainer.comm_hook) on 2 processes: what each hook does to the result,
+exact resumes, and the refusals.
+
+Two processes are spawned once and train every run in-process (``train.train``, as
+test_combinations does); a run with ``interrupted_at`` K is then resumed in a fresh directory
+holding its checkpoints up to K, as a run killed right after saving step K leaves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing
+from conftest import make_config
+from test_combinations import assert_same_values, train_in
+from test_resume import assert_bitwise_equal, interrupted_after
+
+from distsgd import comm, data, models
+from distsgd.config import ConfigError, to_config
+from distsgd.distributed import Dist
+from distsgd.train import run
+
+WORLD_SIZE = 2
+STEPS = 6
+# 320 samples of 32 features, a fifth for validation: 256 training samples, 8 global batches of 32
+# per epoch. Momentum: each rank's own optimizer state matters under local SGD.
+COMMON = ["data.num_samples=320", "data.dim=32", "data.global_batch_size=32", "optim=momentum", "optim.lr=0.05",
+          "trainer.device=cpu", f"trainer.max_steps={STEPS}", "trainer.val_every=3", "trainer.log_every=1"]
+
+
+def hourglass(*args, **kwargs) -> torch.nn.Module:
+    """The model of every run: weight matrices 32x32, 16x32, 32x16, 32x32 and 4x32, so that torch's
+    PowerSGD lays out its Qs grouped by shape, not in the order of the layers. tanh: no dead units,
+    so every weight gradient has full rank (PowerSGD at full rank is then exact but for rounding)."""
+    widths = (32, 32, 16, 32, 32)
+    layers = [module for a, b in zip(widths, widths[1:]) for module in (torch.nn.Linear(a, b), torch.nn.Tanh())]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
+# name: (overrides, step K to resume from or None, torch's PowerSGD min_compression_rate)
+RUNS: dict[str, tuple[list[str], int | None, float]] = {
+    "none": (["trainer.checkpoint_every=2"], None, comm.MIN_COMPRESSION_RATE),
+    "fp16": (["trainer.comm_hook=fp16", "trainer.checkpoint_every=3"], 3, comm.MIN_COMPRESSION_RATE),
+    # H=1 after 2 synchronous steps: the step-2 checkpoint is none's, bitwise.
+    "local_sgd_h1": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=1", "trainer.local_sgd_warmup_steps=2",
+                      "trainer.checkpoint_every=2"], None, comm.MIN_COMPRESSION_RATE),
+    # Averaged after updates 1, 3 and 5: at step 3 the ranks' parameters and momenta differ.
+    "local_sgd_h2": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2", "trainer.local_sgd_warmup_steps=1",
+                      "trainer.checkpoint_every=3"], 3, comm.MIN_COMPRESSION_RATE),
+    # Every matrix compressed (min_compression_rate 0) at the rank of its smaller side.
+    "powersgd_full": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=32", "trainer.powersgd_warmup_steps=2"],
+                      None, 0.0),
+    # Compressed from step 2: the step-4 checkpoint holds two steps' error feedback and Qs.
+    "powersgd_r1": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=1", "trainer.powersgd_warmup_steps=2",
+                     "trainer.checkpoint_every=4"], 4, comm.MIN_COMPRESSION_RATE),
+    # A NaN feature in one sample of rank 0's batch at step 3 (nan_data): that step is skipped on
+    # both ranks, and the following steps must not inherit the NaN (PowerSGD's error feedback).
+    "powersgd_nan": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=1", "trainer.powersgd_warmup_steps=2",
+                      "data=npz", "data.path={nan_data}"], None, comm.MIN_COMPRESSION_RATE),
+    "local_sgd_nan": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2", "data=npz",
+                       "data.path={nan_data}"], None, comm.MIN_COMPRESSION_RATE),
+}
+NAN_AT = 3
+
+
+def run_all(rank: int, root: Path) -> None:
+    torch.set_num_threads(1)  # as conftest: OpenMP threads only wait on each other on 2 shared cores
+    torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank,
+                                         world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    dist = Dist(rank, WORLD_SIZE, rank, torch.device("cpu"))
+    models.build = hourglass
+    built = []  # each run's Communication, to read torch's own PowerSGD statistics
+    build = comm.build
+    comm.build = lambda *args: built.append(build(*args)) or built[-1]
+    results = {}
+    try:
+        with open(root / f"rank{rank}.stderr", "w") as stderr, contextlib.redirect_stderr(stderr):
+            datasets = {}
+            for name, (overrides, interrupted_at, min_rate) in RUNS.items():
+                config = to_config(make_config(*COMMON, *(o.format(nan_data=root / "nan.npz") for o in overrides)))
+                if config.data.name not in datasets:
+                    datasets[config.data.name] = data.load(config.data).place(dist.device, True, 0)
+                dataset = datasets[config.data.name]
+                comm.MIN_COMPRESSION_RATE = min_rate
+                results[name] = {"uninterrupted": train_in(config, dataset, dist, root / name / "uninterrupted")}
+                if name.startswith("powersgd"):
+                    results[name]["torch_compression"] = built[-1].state.compression_stats()[0]
+                if interrupted_at is not None:
+                    if dist.is_main:
+                        interrupted_after(root / name / "uninterrupted", interrupted_at, root / name / "resumed")
+                    torch.distributed.barrier()
+                    results[name]["resumed"] = train_in(config, dataset, dist, root / name / "resumed")
+    finally:
+        torch.distributed.destroy_process_group()
+    (root / f"results{rank}.json").write_text(json.dumps(results))
+
+
+def checkpoint(root: Path, name: str, file: str = "last.pt", run: str = "uninterrupted") -> dict:
+    return torch.load(root / name / run / "checkpoints" / file, weights_only=True)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+def write_nan_data(path: Path) -> None:
+    """Classification data with one NaN feature, in the sample that rank 0 draws first at step NAN_AT."""
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(320, 32)).astype(np.float32)
+    y = (x @ gen.normal(size=(32, 4))).argmax(1)
+    np.savez(path, x=x, y=y)
+    train = data.load(to_config(make_config(*COMMON, "data=npz", f"data.path={path}")).data).x_train  # shuffled
+    first = data.train_order(len(train), 0, WORLD_SIZE, 0, 0, torch.device("cpu"))[NAN_AT * 32 // WORLD_SIZE]
+    x[np.flatnonzero((x == train[first].numpy()).all(1))[0], 0] = np.nan
+    np.savez(path, x=x, y=y)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict]:
+    """(root, what each run returned on rank 0); rank 1's in root/results1.json."""
+    root = tmp_path_factory.mktemp("comm")
+    write_nan_data(root / "nan.npz")
+    torch.multiprocessing.spawn(run_all, args=(root,), nprocs=WORLD_SIZE)
+    return root, json.loads((root / "results0.json").read_text())
+
+
+def test_hooks_change_the_result_as_much_as_their_maths_says(runs):
+    root, results = runs
+    none = checkpoint(root, "none")["model"]
+    moved = relative_difference(checkpoint(root, "none", "step_00000002.pt")["model"], none)
+    assert moved > 1e-2  # the model does move: the bounds below mean something
+    # fp16: each averaged gradient rounded to 11 significant bits (relative error <= 2^-11 ~ 5e-4),
+    # and so is the loss that travels with it.
+    fp16 = results["fp16"]["uninterrupted"]
+    assert 0 < relative_difference(checkpoint(root, "fp16")["model"], none) < 1e-3
+    assert fp16["train/loss"] == pytest.approx(results["none"]["uninterrupted"]["train/loss"], rel=1e-3)
+    # Local SGD at H=1: its synchronous warm-up is DDP's all-reduce, bitwise; after it, SGD with
+    # momentum is linear in the gradient, so averaging the parameters after each local step equals
+    # averaging the gradients before it, but for rounding.
+    assert_bitwise_equal(checkpoint(root, "local_sgd_h1", "step_00000002.pt")["model"],
+                         checkpoint(root, "none", "step_00000002.pt")["model"], "local SGD's warm-up")
+    assert relative_difference(checkpoint(root, "local_sgd_h1")["model"], none) < 1e-5
+    # PowerSGD at full rank: P Q^T is the averaged gradient itself, up to Gram-Schmidt's rounding;
+    # the error feedback of each rank (its gradient minus the mean) cancels in the mean.
+    assert relative_difference(checkpoint(root, "powersgd_full")["model"], none) < 1e-4
+    # At rank 1 it really compresses: the ratio torch counted is the one distsgd logs.
+    params = [torch.zeros(2), *hourglass().parameters()]  # step.WithStepStats's 2 floats are in the buckets too
+    config = to_config(make_config(*COMMON, *RUNS["powersgd_r1"][0])).trainer
+    ratio = sum(p.numel() * 4 for p in params) / comm.bytes_per_step(config, params)
+    assert results["powersgd_r1"]["torch_compression"] == pytest.approx(ratio, rel=1e-12)
+    assert ratio > 7
+    assert relative_difference(checkpoint(root, "powersgd_r1")["model"], none) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["powersgd_nan", "local_sgd_nan"])
+def test_a_nonfinite_step_is_skipped_on_every_rank_and_leaves_no_trace(runs, name):
+    root, results = runs
+    final = results[name]["uninterrupted"]
+    assert final["train/skipped_steps"] == 1 and np.isfinite(final["train/loss"]) and np.isfinite(final["val/loss"])
+    # Rank 1 saw no NaN itself, yet reached the same verdicts and the same global numbers.
+    rank1 = json.loads((root / "results1.json").read_text())[name]["uninterrupted"]
+    assert {k: v for k, v in rank1.items() if k != "train/samples_per_sec"} == \
+        {k: v for k, v in final.items() if k != "train/samples_per_sec"}
+    saved = checkpoint(root, name)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    if name == "powersgd_nan":
+        assert all(torch.isfinite(t).all() for rank in saved["comm"] for t in rank["powersgd"]["error"].values())
+
+
+@pytest.mark.parametrize("name", [name for name, (_, k, _) in RUNS.items() if k is not None])
+def test_resume_is_exact(runs, name):
+    root, results = runs
+    assert_bitwise_equal(checkpoint(root, name, run="resumed"), checkpoint(root, name), f"{name}: last.pt")
+    timing = "train/samples_per_sec"
+    assert_same_values({k: v for k, v in results[name]["resumed"].items() if k != timing},
+                       {k: v for k, v in results[name]["uninterrupted"].items() if k != timing}, name)
+
+
+def test_checkpoints_hold_what_differs_between_the_ranks(runs):
+    root, _ = runs
+    saved = checkpoint(root, "local_sgd_h2", "step_00000003.pt")
+    own = [rank["params"] for rank in saved["comm"]]
+    # Mid-period the ranks differ, and "model" is their average (the model validation saw).
+    assert not torch.equal(own[0][0], own[1][0])
+    torch.testing.assert_close(list(saved["model"].values()), [(a + b) / 2 for a, b in zip(*own)])
+    momenta = [rank["optimizer"]["state"][0]["momentum_buffer"] for rank in saved["comm"]]
+    assert not torch.equal(*momenta)
+    powersgd = [rank["powersgd"] for rank in checkpoint(root, "powersgd_r1", "step_00000004.pt")["comm"]]
+    assert powersgd[0]["error"].keys() == powersgd[1]["error"].keys() and len(powersgd[0]["error"]) == 11
+    assert not torch.equal(powersgd[0]["error"][0], powersgd[1]["error"][0])  # each rank's own error
+    assert "comm" not in checkpoint(root, "none") and "comm" not in checkpoint(root, "fp16")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.allreduce=manual", "trainer.comm_hook=fp16"],
+     "trainer.comm_hook must be none with trainer.allreduce=manual (communication hooks are DDP's), got 'fp16'"),
+    (["trainer.comm_hook=powersgd", "trainer.powersgd_warmup_steps=1"], "trainer.powersgd_warmup_steps must be >= 2"),
+    (["trainer.local_sgd_period=8"], "trainer.local_sgd_period must be left at 4 with trainer.comm_hook=none, which "
+                                     "ignores it (it is for trainer.comm_hook=local_sgd)"),
+])
+def test_config_refusals(overrides, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        to_config(make_config(*overrides))
+
+
+def test_noise_scale_refuses_a_comm_hook(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        run(make_config("diagnostics.noise_scale=true", "trainer.accumulate=2", "trainer.comm_hook=powersgd",
+                        "trainer.max_steps=1"), tmp_path)
+    assert str(refused.value) == ("diagnostics.noise_scale=true measures the gradient noise scale with DDP's plain "
+                                  "all-reduce; it cannot be combined with trainer.comm_hook=powersgd (set one of them off)")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
+                    reason="DDP accepts bf16_compress_hook in CUDA builds, on gloo too")
+def test_bf16_is_refused_where_ddp_refuses_it(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        run(make_config("trainer.comm_hook=bf16", "trainer.max_steps=1", "trainer.device=cpu"), tmp_path)
+    assert str(refused.value).startswith("trainer.comm_hook=bf16 is refused by DDP with backend gloo in this torch "
+                                         "build (BF16 all reduce communication hook required CUDA 11+")
+    assert str(refused.value).endswith("use trainer.comm_hook=fp16")
