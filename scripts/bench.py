@@ -5,11 +5,14 @@
     python scripts/bench.py --device cuda                           # 1 GPU (nccl)
     torchrun --standalone --nproc_per_node=2 scripts/bench.py --steps 300 --rounds 10 optim=momentum
     torchrun --standalone --nproc_per_node=2 scripts/bench.py --baseline off diagnostics.noise_scale=true
+    torchrun --standalone --nproc_per_node=2 scripts/bench.py --baseline off trainer.comm_hook=powersgd
 
 Options: ``--job`` (a key of JOBS, default mlp), ``--steps N`` (per run), ``--rounds R``,
 ``--device`` (auto|cpu|cuda), ``--baseline minimal|off``; anything else is a Hydra override,
 applied after the job's own. ``--baseline off`` times distsgd against itself with the
-``diagnostics.*`` keys at their defaults (off) instead of the minimal loop: the cost of an instrument.
+``diagnostics.*`` keys at their defaults (off) and ``trainer.comm_hook=none`` instead of the
+minimal loop: the cost of an instrument, or what a communication hook saves (or costs), with the
+bytes each rank all-reduces per step (comm.bytes_per_step).
 
 Same job. Both contenders get the config composed from conf/ (the job's overrides, then the
 command line's), one dataset loaded once and shared, the same model (``models.build`` under
@@ -63,8 +66,9 @@ from torch.nn.parallel import DistributedDataParallel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's distsgd, installed or not
 
-from distsgd import data, distributed, models, optim  # noqa: E402
-from distsgd.config import Config, ConfigError, DiagnosticsConfig, to_config  # noqa: E402
+from distsgd import comm, data, distributed, models, optim  # noqa: E402
+from distsgd.config import (COMM_HOOK_KEYS, Config, ConfigError, DiagnosticsConfig, TrainerConfig,  # noqa: E402
+                            to_config)
 from distsgd.train import train  # noqa: E402
 
 # Job name -> Hydra overrides. mlp: the default config's MLP (synthetic classification, SGD at a
@@ -227,6 +231,13 @@ def compare(model: torch.nn.Module, run_dir: Path) -> str:
     return "identical" if diff == 0 else f"max relative difference {diff:.3g}"
 
 
+def switched_off(config: Config) -> Config:
+    """The config without instruments and with DDP's plain all-reduce: ``--baseline off``."""
+    defaults = TrainerConfig()
+    plain = {key: getattr(defaults, key) for key in ("comm_hook", *sum(COMM_HOOK_KEYS.values(), ()))}
+    return replace(config, diagnostics=DiagnosticsConfig(), trainer=replace(config.trainer, **plain))
+
+
 def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: argparse.Namespace) -> None:
     out = print if dist.is_main else (lambda *a, **k: None)
     contenders_names = ("distsgd", args.baseline)
@@ -234,7 +245,10 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
     out(f"{dist.world_size} process(es) on {dist.device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s) each; global batch {config.data.global_batch_size}; "
         f"{args.rounds} rounds of {args.steps} steps each")
-    off = replace(config, diagnostics=DiagnosticsConfig())
+    off = switched_off(config)
+    params = list(models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task).parameters())
+    out(f"all-reduced per step and rank (after any warm-up): distsgd {comm.bytes_per_step(config.trainer, params):,.0f} "
+        f"bytes, none {comm.bytes_per_step(off.trainer, params):,.0f} bytes")
     with tempfile.TemporaryDirectory(prefix="distsgd-bench-") as tmp, Turns(contenders_names, dist.device) as turns:
         run_dirs = (Path(tmp) / f"run{i}" for i in range(10**9))
         baseline = (lambda: minimal_loop(config, dataset, dist, args.steps)) if args.baseline == "minimal" else (
@@ -276,7 +290,8 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
     low, high = median_interval(ratios)
     out(f"distsgd/{args.baseline}: {statistics.median(pairs):.3f} median of {len(pairs)} paired turns' ratios "
         f"(95% interval {low:.3f}-{high:.3f}; quartiles {q1:.3f}-{q3:.3f}), "
-        f"{d / m:.3f} ratio of the overall medians (target <= {TARGETS[args.baseline]})")
+        f"{d / m:.3f} ratio of the overall medians"
+        + (f" (target <= {TARGETS[args.baseline]})" if config.trainer.comm_hook == "none" else ""))
 
 
 def median_interval(groups: list[list[float]], draws: int = 1000) -> tuple[float, float]:
@@ -296,7 +311,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="trainer.device (default: the config's)")
     parser.add_argument("--baseline", choices=sorted(TARGETS), default="minimal",
-                        help="minimal: a textbook DDP loop; off: distsgd with diagnostics.* off")
+                        help="minimal: a textbook DDP loop; off: distsgd with diagnostics.* off and "
+                             "trainer.comm_hook=none")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. optim=momentum")
     args = parser.parse_args()
     if args.steps < 3 * WINDOW:
