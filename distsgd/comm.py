@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
@@ -49,8 +50,9 @@ def build(tc: TrainerConfig, diagnostics: DiagnosticsConfig, params: list[torch.
     ``optimizer`` and ``scaler`` (restored already, when resuming); ``register`` attaches it to DDP."""
     if tc.comm_hook != "none" and diagnostics.noise_scale:
         # The noise scale needs each rank's own gradient in DDP's hook, and an exact average.
-        raise ConfigError(f"diagnostics.noise_scale=true measures the gradient noise scale with DDP's plain all-reduce; "
-                          f"it cannot be combined with trainer.comm_hook={tc.comm_hook} (set one of them off)")
+        raise ConfigError("diagnostics.noise_scale=true measures the gradient noise scale with DDP's plain "
+                          f"all-reduce; it cannot be combined with trainer.comm_hook={tc.comm_hook} "
+                          "(set one of them off)")
     match tc.comm_hook:
         case "none":
             return Communication(tc, params)
@@ -149,6 +151,15 @@ def bytes_per_step(tc: TrainerConfig, params: list[torch.Tensor]) -> float:
     return full
 
 
+class Matrix(NamedTuple):
+    """A gradient tensor as PowerSGD sees it: ``rows`` x ``cols``, approximated at ``rank`` (0: sent as it is)."""
+
+    numel: int
+    rows: int
+    cols: int
+    rank: int
+
+
 class PowerSGD(Communication):
     """``powersgd``: torch's PowerSGDState and powerSGD_hook, behind a hook that lets the state
     survive a change of DDP's buckets and a checkpoint.
@@ -164,9 +175,9 @@ class PowerSGD(Communication):
     def __init__(self, tc: TrainerConfig, params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> None:
         super().__init__(tc, params)
         self.scaler = scaler
-        self.state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=tc.powersgd_rank, start_powerSGD_iter=tc.powersgd_warmup_steps,
-            min_compression_rate=MIN_COMPRESSION_RATE, random_seed=tc.seed)
+        self.state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=tc.powersgd_rank,
+                                                 start_powerSGD_iter=tc.powersgd_warmup_steps,
+                                                 min_compression_rate=MIN_COMPRESSION_RATE, random_seed=tc.seed)
         self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> its parameters, as the state holds them
         self.pool: dict[str, dict[int, torch.Tensor]] = {"error": {}, "q": {}}  # per parameter, until its bucket comes
         # fp16: the errors are in units of the scaled gradient, this scale's.
@@ -184,10 +195,11 @@ class PowerSGD(Communication):
     def register(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
         params = list(ddp.module.parameters())  # the model's and step.WithStepStats's
         self.index = {id(p): i for i, p in enumerate(params)}
-        self.shapes = [(p.numel(), compressed_rank(p, self.tc.powersgd_rank), matrix_shape(p)) for p in params]
+        self.matrices = [Matrix(p.numel(), *matrix_shape(p), compressed_rank(p, self.tc.powersgd_rank)) for p in params]
         ddp.register_comm_hook(self.state, self.hook)
 
     def hook(self, state: powerSGD_hook.PowerSGDState, bucket):
+        """torch's powerSGD_hook, once the bucket has its share of the state."""
         layout = tuple(self.index[id(p)] for p in bucket.parameters())
         if self.layouts.get(bucket.index(), layout) != layout:
             self._pool_all()
@@ -201,8 +213,8 @@ class PowerSGD(Communication):
         matrix shape, the groups in the order of their first member."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i in layout:
-            if self.shapes[i][1]:
-                groups.setdefault(self.shapes[i][2], []).append(i)
+            if self.matrices[i].rank:
+                groups.setdefault((self.matrices[i].rows, self.matrices[i].cols), []).append(i)
         return [i for group in groups.values() for i in group]
 
     def _by_parameter(self) -> dict[str, dict[int, torch.Tensor]]:
@@ -210,11 +222,11 @@ class PowerSGD(Communication):
         split = {"error": dict(self.pool["error"]), "q": dict(self.pool["q"])}
         for b, layout in self.layouts.items():
             if b in self.state.error_dict:
-                sizes = [self.shapes[i][0] for i in layout]
+                sizes = [self.matrices[i].numel for i in layout]
                 split["error"].update(zip(layout, self.state.error_dict[b].split(sizes)))
             if b in self.state.q_memory_dict:
                 order = self._q_order(layout)
-                sizes = [self.shapes[i][2][1] * self.shapes[i][1] for i in order]  # m r
+                sizes = [self.matrices[i].cols * self.matrices[i].rank for i in order]
                 split["q"].update(zip(order, self.state.q_memory_dict[b].split(sizes)))
         return split
 
@@ -233,7 +245,7 @@ class PowerSGD(Communication):
             q = torch.cat([self.pool["q"].pop(i) for i in order])
             self.state.q_memory_dict[b] = q
             # P is recomputed from Q every step; torch reads its presence as "warm-start from Q".
-            self.state.p_memory_dict[b] = q.new_empty(sum(self.shapes[i][2][0] * self.shapes[i][1] for i in order))
+            self.state.p_memory_dict[b] = q.new_empty(sum(self.matrices[i].rows * self.matrices[i].rank for i in order))
 
     def after_step(self, nonfinite: bool) -> None:
         if nonfinite:

@@ -247,8 +247,9 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
         f"{args.rounds} rounds of {args.steps} steps each")
     off = switched_off(config)
     params = list(models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task).parameters())
-    out(f"all-reduced per step and rank (after any warm-up): distsgd {comm.bytes_per_step(config.trainer, params):,.0f} "
-        f"bytes, none {comm.bytes_per_step(off.trainer, params):,.0f} bytes")
+    sent = {name: comm.bytes_per_step(c.trainer, params) for name, c in (("distsgd", config), ("none", off))}
+    out(f"all-reduced per step and rank (after any warm-up): distsgd {sent['distsgd']:,.0f} bytes, "
+        f"none {sent['none']:,.0f} bytes")
     with tempfile.TemporaryDirectory(prefix="distsgd-bench-") as tmp, Turns(contenders_names, dist.device) as turns:
         run_dirs = (Path(tmp) / f"run{i}" for i in range(10**9))
         baseline = (lambda: minimal_loop(config, dataset, dist, args.steps)) if args.baseline == "minimal" else (

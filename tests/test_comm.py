@@ -52,6 +52,11 @@ RUNS: dict[str, tuple[list[str], int | None, float]] = {
     # Averaged after updates 1, 3 and 5: at step 3 the ranks' parameters and momenta differ.
     "local_sgd_h2": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2", "trainer.local_sgd_warmup_steps=1",
                       "trainer.checkpoint_every=3"], 3, comm.MIN_COMPRESSION_RATE),
+    # The same, validated and saved only at the end: validation and checkpoints see the average of
+    # the ranks' parameters, yet training goes on from each rank's own, so the result is the same.
+    "local_sgd_h2_quiet": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2",
+                            "trainer.local_sgd_warmup_steps=1", "trainer.val_every=100"],
+                           None, comm.MIN_COMPRESSION_RATE),
     # Every matrix compressed (min_compression_rate 0) at the rank of its smaller side.
     "powersgd_full": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=32", "trainer.powersgd_warmup_steps=2"],
                       None, 0.0),
@@ -196,6 +201,13 @@ def test_checkpoints_hold_what_differs_between_the_ranks(runs):
     assert "comm" not in checkpoint(root, "none") and "comm" not in checkpoint(root, "fp16")
 
 
+def test_local_sgd_trains_the_same_whenever_it_validates_and_saves(runs):
+    root, results = runs
+    assert_bitwise_equal(checkpoint(root, "local_sgd_h2_quiet")["model"], checkpoint(root, "local_sgd_h2")["model"])
+    val_loss = [results[name]["uninterrupted"]["val/loss"] for name in ("local_sgd_h2_quiet", "local_sgd_h2")]
+    assert val_loss[0] == val_loss[1]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.allreduce=manual", "trainer.comm_hook=fp16"],
      "trainer.comm_hook must be none with trainer.allreduce=manual (communication hooks are DDP's), got 'fp16'"),
@@ -213,7 +225,8 @@ def test_noise_scale_refuses_a_comm_hook(tmp_path):
         run(make_config("diagnostics.noise_scale=true", "trainer.accumulate=2", "trainer.comm_hook=powersgd",
                         "trainer.max_steps=1"), tmp_path)
     assert str(refused.value) == ("diagnostics.noise_scale=true measures the gradient noise scale with DDP's plain "
-                                  "all-reduce; it cannot be combined with trainer.comm_hook=powersgd (set one of them off)")
+                                  "all-reduce; it cannot be combined with trainer.comm_hook=powersgd "
+                                  "(set one of them off)")
 
 
 @pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None,
