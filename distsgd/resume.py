@@ -49,15 +49,18 @@ class Saver:
     """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
 
     def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
-                 dist: Dist, running_stats: RunningStats, diagnostics_state=dict):
+                 dist: Dist, running_stats: RunningStats, instruments=None):
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
-        self.running_stats, self.diagnostics_state = running_stats, diagnostics_state
+        # instruments: what keeps state across steps beside the model (step.TrainStep's settle/state_dict).
+        self.running_stats, self.instruments = running_stats, instruments
         self.config_yaml = to_yaml(config)  # made once: OmegaConf takes tens of ms
         self.last_path: Path | None = None
 
     def __call__(self, step: int, skipped: int, final: bool) -> None:
         self.running_stats.sync(step)
+        if self.instruments is not None:
+            self.instruments.settle()
         rng_states: list = [None] * self.dist.world_size
         torch.distributed.all_gather_object(rng_states, checkpoint.rng_state(self.dist.device))
         self.last_path = self.directory / "last.pt" if final else checkpoint.step_path(self.directory, step)
@@ -72,7 +75,7 @@ class Saver:
                 "world_size": self.dist.world_size,
                 "rng": rng_states,
                 "config": self.config_yaml,
-                "diagnostics": self.diagnostics_state(),
+                "diagnostics": self.instruments.state_dict() if self.instruments is not None else {},
             }, self.last_path)
             checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
         torch.distributed.barrier()

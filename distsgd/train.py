@@ -128,7 +128,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
-                        train_step.state_dict)
+                        train_step)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:
