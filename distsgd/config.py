@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -64,6 +67,24 @@ def _reject_ignored(config, group: str, used_by: dict[str, tuple[str, ...]]) -> 
 def _home(path: Optional[str]) -> Optional[str]:
     # The shell leaves ~ in a Hydra override alone (it has to be quoted: data.path='~/x.npz').
     return os.path.expanduser(path) if path else path
+
+
+# Keys that change how a run executes, watches or records itself, not what it computes: the device,
+# compilation and the all-reduce engine reorder floating-point sums at most, and the data's folder,
+# the loaders, logging, checkpoints and instruments change nothing. Sweep job folders
+# (conf/config.yaml's override_dirname.exclude_keys) and the HParams entry leave them out, and
+# reports do not count them as swept. An entry ending in "." covers a whole group.
+RESULT_NEUTRAL_KEYS = ("data.in_memory", "data.num_workers", "data.root", "trainer.device", "trainer.compile",
+                       "trainer.allreduce", "trainer.bucket_mb", "trainer.log_every", "trainer.val_every",
+                       "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
+                       "trainer.resume_override", "trainer.collective_timeout_s", "diagnostics.")
+# Read by the LR range test alone: training's HParams entry and reports of training runs leave them out.
+LR_FIND_KEYS = ("lr_find.",)
+
+
+def key_in(key: str, entries: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``entries`` or lies in a group that one of them names ("group.")."""
+    return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in entries)
 
 
 DATASETS = ("synthetic", "synthetic_regression", "npz", "digits", "mnist", "cifar10")
@@ -311,8 +332,7 @@ def to_config(cfg: DictConfig) -> Config:
     """The composed config as validated dataclasses (raises ConfigError naming the bad key)."""
     # Hydra lets `+group.key=value` add a key the schema lacks (its own error message for a typo
     # suggests exactly that), and the dataclasses would then drop it without a word.
-    known = _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
-    unknown = sorted(_key_paths(OmegaConf.to_container(cfg)) - known)
+    unknown = sorted(set(_key_paths(OmegaConf.to_container(cfg))) - set(schema_keys()))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; they would be ignored "
                           "(check the spelling against conf/ and the schemas in distsgd/config.py)")
@@ -320,10 +340,10 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(schema)
 
 
-def _key_paths(tree: dict, prefix: str = "") -> set[str]:
-    paths = set()
+def _key_paths(tree: dict, prefix: str = "") -> list[str]:
+    paths = []
     for key, value in tree.items():
-        paths |= _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        paths += _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
     return paths
 
 
@@ -346,10 +366,65 @@ def _hydra_output_subdir() -> Optional[str]:
     return ".hydra" if os.environ.get("RANK", "0") == "0" else None
 
 
+def schema_keys() -> list[str]:
+    """Every config key, as ``group.key``, in the schemas' order."""
+    return _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
+def swept_keys(sweep_dir: str | Path) -> list[str]:
+    """The keys (or config groups) that the Hydra multirun writing into ``sweep_dir`` sweeps, in
+    command-line order; none where no sweep has started."""
+    # A job's own config holds only its values; the sweeper saves the command line's before the first job.
+    path = Path(sweep_dir) / "multirun.yaml"
+    saved = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task", default=[]) if path.is_file() else []
+    return [override.key_or_group for override in OverridesParser.create().parse_overrides(list(saved))
+            if override.is_sweep_override()]
+
+
+def folder_name_excluded_keys(sweep_dir: str) -> list[str]:
+    # Hydra's exclude_keys matches whole keys, so the groups named in RESULT_NEUTRAL_KEYS are spelled
+    # out; a key the sweep varies stays in, or two of its jobs would share a folder.
+    swept = swept_keys(sweep_dir)
+    return [key for key in schema_keys() if key_in(key, RESULT_NEUTRAL_KEYS) and key not in swept]
+
+
+_job_folders: dict[str, int] = {}  # job folder -> the job of this process's sweep that has it
+
+
+def job_folder(sweep_dir: str, override_dirname: str, job_num: int) -> str:
+    """A sweep job's folder: its overrides as Hydra's override_dirname writes them, or its number
+    when all of them are left out."""
+    # Hydra keeps a value's "/" (data.path=/x/y.npz): it would nest one job's folder in another's.
+    name = override_dirname.replace("%", "%25").replace("/", "%2F") or str(job_num)
+    # A sweeper other than Hydra's basic one may vary a left-out key without naming it on the command line.
+    owner = _job_folders.setdefault(os.path.join(sweep_dir, name), job_num)
+    if owner != job_num:
+        raise ConfigError(f"hydra.sweep.subdir: jobs {owner} and {job_num} would share the folder {name}: they differ "
+                          f"only in keys that folder names leave out ({', '.join(RESULT_NEUTRAL_KEYS)}); name the "
+                          "jobs by number instead: hydra.sweep.subdir='${hydra.job.num}'")
+    return name
+
+
+def varied_keys() -> list[str]:
+    """What this Hydra job varies, in command-line order: under a multirun the keys (or groups)
+    its sweep varies, in a single run those its command line sets that can change its result;
+    none outside Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:
+        return swept_keys(hydra_config.sweep.dir)
+    overrides = OverridesParser.create().parse_overrides(list(hydra_config.overrides.task))
+    return [override.key_or_group for override in overrides
+            if not override.is_delete() and not key_in(override.key_or_group, RESULT_NEUTRAL_KEYS)]
+
+
 def register() -> None:
     ConfigStore.instance().store(name="distsgd_schema", node=Config)
     OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True)
     OmegaConf.register_new_resolver("distsgd_output_subdir", _hydra_output_subdir, replace=True)
+    OmegaConf.register_new_resolver("distsgd_folder_name_excluded_keys", folder_name_excluded_keys, replace=True)
+    OmegaConf.register_new_resolver("distsgd_job_folder", job_folder, replace=True)
 
 
 register()

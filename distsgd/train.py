@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
-from distsgd.config import CONF_DIR, Config, ConfigError, to_config
+from distsgd.config import CONF_DIR, Config, ConfigError, to_config, varied_keys
 from distsgd.distributed import Dist
 from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten, quiet_console
 from distsgd.step import StepResult, TrainStep, autocast
@@ -140,7 +140,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         save(plan.total_steps, skipped, final=True)
     finally:
         # Also when a run stops early: its curves are closed and listed in the HParams dashboard.
-        logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics)
+        logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics, varied_keys())
         logger.close()
     log.info("done: %d steps in %.1f s; %s; saved %s", plan.total_steps, time.perf_counter() - started,
              ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), save.last_path)
