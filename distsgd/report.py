@@ -197,17 +197,24 @@ class SampleAxes:
         self.training_samples: dict[str, int | None] = {}
 
     @staticmethod
-    def _scheduled(run: Run) -> bool:
-        # A train/samples curve that is not step x batch (up to float32 rounding): the batch size
-        # changes during the run.
-        batch = run.config.get(BATCH) or 0
-        return any(abs(point.value - point.step * batch) > 1e-6 * max(1, point.step * batch)
-                   for point in run.curves.get("train/samples", []))
+    def _seen(run: Run) -> tuple[list[int], list[float]] | None:
+        """(steps, samples seen before each): train/samples counts update t's own batch too."""
+        samples, batches = run.curves.get("train/samples"), run.curves.get("train/global_batch_size")
+        if not samples or not batches:
+            return None
+        return [p.step for p in samples], [p.value - b.value for p, b in zip(samples, batches)]
+
+    @classmethod
+    def _scheduled(cls, run: Run) -> bool:
+        # Samples seen that are not step x batch (up to float32 rounding): the batch changes during the run.
+        batch, seen = run.config.get(BATCH) or 0, cls._seen(run)
+        return seen is not None and any(abs(value - step * batch) > 1e-6 * max(1, step * batch)
+                                        for step, value in zip(*seen))
 
     def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
-        logged = run.curves.get("train/samples")
-        if logged:
-            return np.interp(steps, [p.step for p in logged], [p.value for p in logged])
+        seen = self._seen(run)
+        if seen is not None:
+            return np.interp(steps, *seen)
         return steps * run.config[BATCH] if BATCH in run.config else None
 
     def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
