@@ -87,7 +87,7 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
     return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in entries)
 
 
-DATASETS = ("synthetic", "synthetic_regression", "npz", "digits", "mnist", "cifar10")
+DATASETS = ("synthetic", "synthetic_regression", "npz", "arrays", "digits", "mnist", "cifar10")
 MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
@@ -118,6 +118,9 @@ class DataConfig:
     num_classes: int = 4
     noise: float = 0.1
     path: Optional[str] = None
+    # data=arrays: the .npy files of x (N, features...) and y (N,), memory-mapped, never loaded whole.
+    x: Optional[str] = None
+    y: Optional[str] = None
     # Folder of the mnist / cifar10 files (read locally, never downloaded).
     root: Optional[str] = None
     # Random crop with padding and horizontal flip (cifar10).
@@ -141,13 +144,20 @@ class DataConfig:
         _check_non_negative("data.noise", self.noise)
         if self.name == "npz":
             _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
+        if self.name == "arrays":
+            _check(bool(self.x), "data.x", "a .npy file for data=arrays", self.x)
+            _check(bool(self.y), "data.y", "a .npy file for data=arrays", self.y)
+            # Moving the arrays to the device would read all of them: batches are read from the
+            # files by index instead, in the same order.
+            _check(not self.in_memory, "data.in_memory", "false for data=arrays (they stay memory-mapped)",
+                   self.in_memory)
         _check_non_negative("data.num_workers", self.num_workers)
         if self.augment:
             _check(self.name == "cifar10", "data.augment", "false unless data=cifar10 (crop and flip suit CIFAR images)",
                    self.augment)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
-        self.path, self.root = _home(self.path), _home(self.root)
+        self.path, self.root, self.x, self.y = _home(self.path), _home(self.root), _home(self.x), _home(self.y)
 
 
 @dataclass

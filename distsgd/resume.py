@@ -25,7 +25,7 @@ log = logging.getLogger("distsgd")
 # What decides the trajectory: a resumed run must agree with its checkpoint on these.
 TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
                    "trainer.clip_grad_norm")
-NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
+NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path", "data.x", "data.y")
 # What Saver writes besides "model" and "step".
 TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_size", "rng", "config")
 
