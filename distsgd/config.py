@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -77,7 +78,8 @@ def _home(path: Optional[str]) -> Optional[str]:
 RESULT_NEUTRAL_KEYS = ("data.in_memory", "data.num_workers", "data.root", "trainer.device", "trainer.compile",
                        "trainer.allreduce", "trainer.bucket_mb", "trainer.log_every", "trainer.val_every",
                        "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
-                       "trainer.resume_override", "trainer.collective_timeout_s", "diagnostics.")
+                       "trainer.resume_override", "trainer.collective_timeout_s", "trainer.stop_signals",
+                       "trainer.requeue", "diagnostics.")
 # Read by the LR range test alone: training's HParams entry and reports of training runs leave them out.
 LR_FIND_KEYS = ("lr_find.",)
 
@@ -269,6 +271,11 @@ class TrainerConfig:
     # What a non-finite loss or gradient norm does: skip the update (on every rank) or stop.
     nonfinite: str = "skip"
     max_consecutive_skips: int = 10
+    # Signals that mean "save a checkpoint at the next step boundary and exit": SIGTERM is what
+    # schedulers send at preemption, SIGUSR2 what `sbatch --signal=USR2@120` sends before the time limit.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
+    # After such a stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID`: the job comes back and resumes.
+    requeue: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps is not None:
@@ -291,6 +298,10 @@ class TrainerConfig:
         _check_positive("trainer.collective_timeout_s", self.collective_timeout_s)
         _check_choice("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
         _check_non_negative("trainer.max_consecutive_skips", self.max_consecutive_skips)
+        catchable = set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}
+        for name in self.stop_signals:
+            _check(name in catchable, "trainer.stop_signals", "a list of signal names such as SIGTERM or SIGUSR2 "
+                   "(SIGKILL and SIGSTOP cannot be caught)", list(self.stop_signals))
 
 
 @dataclass
@@ -364,16 +375,31 @@ def to_yaml(config: Config) -> str:
 @functools.cache  # one id per process, however often Hydra resolves the run dir
 def _run_id() -> str:
     # torchrun gives every rank of a job (and every restart of it) the same run id, so all ranks
-    # agree on one folder; ${now:} is read per process and could split a run in two.
+    # agree on one folder; ${now:} is read per process and could split a run in two. Likewise
+    # every task of a SLURM job, and the job again when it is requeued (it keeps its id), so a
+    # requeued job resumes where it stopped; torchrun's id comes first, as it is the one its
+    # rendezvous (--rdzv-id) names.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
         return run_id
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as SLURM's %A_%a
+    if "SLURM_JOB_ID" in os.environ:
+        return os.environ["SLURM_JOB_ID"]
     return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _launch_rank() -> int:
+    # Hydra needs the rank before any process group exists. distributed imports this module (for
+    # ConfigError), so it is imported here, once Hydra resolves, when both are loaded.
+    from distsgd.distributed import launch_rank
+
+    return launch_rank()
 
 
 def _hydra_output_subdir() -> Optional[str]:
     # Only rank 0 writes .hydra/; the others would race on the same files.
-    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+    return ".hydra" if _launch_rank() == 0 else None
 
 
 def schema_keys() -> list[str]:
@@ -431,10 +457,13 @@ def varied_keys() -> list[str]:
 
 def register() -> None:
     ConfigStore.instance().store(name="distsgd_schema", node=Config)
-    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True)
+    # Cached in the config: Hydra copies the cache into each job of a sweep, so jobs that a
+    # launcher runs in other processes (submitit's) resolve the same sweep directory.
+    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("distsgd_output_subdir", _hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("distsgd_folder_name_excluded_keys", folder_name_excluded_keys, replace=True)
     OmegaConf.register_new_resolver("distsgd_job_folder", job_folder, replace=True)
+    OmegaConf.register_new_resolver("distsgd_rank", _launch_rank, replace=True)
 
 
 register()

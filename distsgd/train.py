@@ -18,7 +18,6 @@ step t are measured after t updates.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from distsgd.config import CONF_DIR, Config, ConfigError, to_config, varied_keys
 from distsgd.distributed import Dist
 from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten, quiet_console
 from distsgd.step import StepResult, TrainStep, autocast
-from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, report, resume_command
+from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, report, stopped_by_signal
 from distsgd.validate import RunningStats, validate
 
 log = logging.getLogger("distsgd")
@@ -132,7 +131,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        with StopSignal() as stop:
+        with StopSignal(tc.stop_signals) as stop:
             skipped = _loop(config, plan, dataset, dist, schedule, train_step, validation, save, logger, metrics,
                             progress, stop)
         metrics.update(validation(plan.total_steps))
@@ -192,8 +191,7 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
             step += 1
             if result.stop_requested:
                 save(step, skipped, final=False)
-                raise Stopped(f"stopped by SIGTERM after step {step}; saved {save.last_path}; to resume, run: "
-                              f"{resume_command(save.directory.parent, dist.world_size)}", 143)
+                raise stopped_by_signal(stop, step, save.last_path, dist, tc.requeue)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < plan.total_steps:
                 save(step, skipped, final=False)
             if step == plan.total_steps:
@@ -221,7 +219,7 @@ def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hydra_errors.release()
-    is_main = os.environ.get("RANK", "0") == "0"
+    is_main = distributed.launch_rank() == 0
     quiet_console(is_main)
     try:
         metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
