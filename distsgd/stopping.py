@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from distsgd import distributed
-from distsgd.config import TrainerConfig
+from distsgd.metrics import quiet_console
+from distsgd.config import ConfigError, TrainerConfig
 from distsgd.distributed import Dist
 
 log = logging.getLogger("distsgd")
@@ -195,3 +196,20 @@ class _HydraErrors:
 
 
 hydra_errors = _HydraErrors()
+
+
+def run_as_command(run, cfg, run_dir: Path):
+    """``run(cfg, run_dir)`` as the task of a command (train, lr_find): rank 0 alone talks on the
+    console, and a mistake the user can fix or an early stop ends the process with its one line
+    and exit code (2, or the stop's) instead of a traceback."""
+    hydra_errors.release()
+    is_main = distributed.launch_rank() == 0
+    quiet_console(is_main)
+    try:
+        return run(cfg, run_dir)
+    except ConfigError as err:
+        report(f"error: {err}", is_main)
+        raise SystemExit(2) from None
+    except Stopped as stop:
+        report(str(stop), is_main)
+        raise SystemExit(stop.exit_code) from None

@@ -28,11 +28,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
-from distsgd.config import CONF_DIR, Config, ConfigError, to_config, varied_keys
+from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
-from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten, quiet_console
+from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten
 from distsgd.step import StepResult, TrainStep, autocast
-from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, report, stopped_by_signal
+from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, run_as_command, stopped_by_signal
 from distsgd.validate import RunningStats, validate
 
 log = logging.getLogger("distsgd")
@@ -218,17 +218,7 @@ def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    hydra_errors.release()
-    is_main = distributed.launch_rank() == 0
-    quiet_console(is_main)
-    try:
-        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        report(f"error: {err}", is_main)
-        raise SystemExit(2) from None
-    except Stopped as stop:
-        report(str(stop), is_main)
-        raise SystemExit(stop.exit_code) from None
+    metrics = run_as_command(run, cfg, Path(HydraConfig.get().runtime.output_dir))
     return metrics.get("val/loss", metrics.get("train/loss"))  # the objective for sweepers
 
 
