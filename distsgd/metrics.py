@@ -38,10 +38,6 @@ class TensorBoardLogger(NullLogger):
         # Imported here: only rank 0 pays for TensorBoard's start-up.
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run's best values include those its curves kept from before the resume (none
-        # where it resumed another run's checkpoint into a new folder).
-        resumed_here = first_step and log_dir.is_dir()
-        self.best = best_values(read_scalars(log_dir), before=first_step) if resumed_here else {}
         # A resumed run hides the points an interrupted run logged past its checkpoint, so each
         # curve keeps one value per step.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step or None)
@@ -50,11 +46,6 @@ class TensorBoardLogger(NullLogger):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
-        for tag in BEST.keys() & values.keys():
-            best_tag, better = BEST[tag]
-            if math.isfinite(values[tag]):
-                self.best[best_tag] = better(self.best.get(best_tag, values[tag]), values[tag])
-                self.writer.add_scalar(best_tag, self.best[best_tag], step)
 
     def progress(self, step: int, **shown: float) -> None:
         if shown:
@@ -69,7 +60,7 @@ class TensorBoardLogger(NullLogger):
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         entry, leading = hparams_entry(hparams, varied)
-        experiment, *session = hparams_summary(entry, {**final_metrics, **self.best})
+        experiment, *session = hparams_summary(entry, final_metrics)
         # TensorBoard orders its columns by this flag, then by name: the varied keys come first.
         [value] = experiment.value
         data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
@@ -113,14 +104,23 @@ def read_scalars(log_dir: Path) -> dict:
     return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
 
 
-def best_values(curves: dict, before: int) -> dict[str, float]:
-    """The best finite value of each validation curve at steps before ``before``, under its BEST tag."""
-    best = {}
-    for tag, (best_tag, better) in BEST.items():
-        values = [point.value for point in curves.get(tag, []) if point.step < before and math.isfinite(point.value)]
-        if values:
-            best[best_tag] = better(values)
-    return best
+class BestValues:
+    """The best finite value so far of each validation curve, under its BEST tag (in checkpoints,
+    so that a resumed run's best covers the steps before the resume, wherever it resumes)."""
+
+    def __init__(self, state: dict[str, float] | None = None) -> None:
+        self.best = dict(state or {})
+
+    def update(self, values: dict[str, float]) -> dict[str, float]:
+        """Fold in a validation's values; the best ones so far, to log beside them."""
+        for tag in BEST.keys() & values.keys():
+            best_tag, better = BEST[tag]
+            if math.isfinite(values[tag]):
+                self.best[best_tag] = better(self.best.get(best_tag, values[tag]), values[tag])
+        return dict(self.best)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -49,11 +49,11 @@ class Saver:
     """Writes checkpoints: every rank contributes its RNG state, rank 0 writes, all wait for it."""
 
     def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
-                 dist: Dist, running_stats: RunningStats, instruments=None):
+                 dist: Dist, running_stats: RunningStats, instruments=None, best=None):
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
         # instruments: what keeps state across steps beside the model (step.TrainStep's settle/state_dict).
-        self.running_stats, self.instruments = running_stats, instruments
+        self.running_stats, self.instruments, self.best = running_stats, instruments, best
         self.config_yaml = to_yaml(config)  # made once: OmegaConf takes tens of ms
         self.last_path: Path | None = None
 
@@ -76,6 +76,7 @@ class Saver:
                 "rng": rng_states,
                 "config": self.config_yaml,
                 "diagnostics": self.instruments.state_dict() if self.instruments is not None else {},
+                "best": self.best.state_dict() if self.best is not None else {},
             }, self.last_path)
             checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
         torch.distributed.barrier()
@@ -114,7 +115,8 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     if state["world_size"] == dist.world_size:
         checkpoint.set_rng_state(state["rng"][dist.rank], dist.device)
     log.info("resumed from %s at step %d", path, state["step"])
-    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {})}
+    return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {}),
+            "best": state.get("best", {})}
 
 
 def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,

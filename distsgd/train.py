@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
 from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
-from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten
+from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, flatten
 from distsgd.step import StepResult, TrainStep, autocast
 from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, run_as_command, stopped_by_signal
 from distsgd.validate import RunningStats, validate
@@ -120,14 +120,17 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
 
+    best = BestValues(progress.get("best"))
+
     def validation(step: int) -> dict[str, float]:
         running_stats.sync(step)
-        return validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+        values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+        return {**values, **best.update(values)}  # val/best_* beside val/*
 
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
-                        train_step)
+                        train_step, best)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:
