@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -69,7 +73,26 @@ def _home(path: Optional[str]) -> Optional[str]:
     return os.path.expanduser(path) if path else path
 
 
-DATASETS = ("synthetic", "synthetic_regression", "npz", "digits", "mnist", "cifar10")
+# Keys that change how a run executes, watches or records itself, not what it computes: the device,
+# compilation and the all-reduce engine reorder floating-point sums at most, and the data's folder,
+# the loaders, logging, checkpoints and instruments change nothing. Sweep job folders
+# (conf/config.yaml's override_dirname.exclude_keys) and the HParams entry leave them out, and
+# reports do not count them as swept. An entry ending in "." covers a whole group.
+RESULT_NEUTRAL_KEYS = ("data.in_memory", "data.num_workers", "data.root", "trainer.device", "trainer.compile",
+                       "trainer.allreduce", "trainer.bucket_mb", "trainer.log_every", "trainer.val_every",
+                       "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
+                       "trainer.resume_override", "trainer.collective_timeout_s", "trainer.stop_signals",
+                       "trainer.requeue", "diagnostics.")
+# Read by the LR range test alone: training's HParams entry and reports of training runs leave them out.
+LR_FIND_KEYS = ("lr_find.",)
+
+
+def key_in(key: str, entries: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``entries`` or lies in a group that one of them names ("group.")."""
+    return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in entries)
+
+
+DATASETS = ("synthetic", "synthetic_regression", "npz", "arrays", "digits", "mnist", "cifar10")
 MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
@@ -104,6 +127,9 @@ class DataConfig:
     num_classes: int = 4
     noise: float = 0.1
     path: Optional[str] = None
+    # data=arrays: the .npy files of x (N, features...) and y (N,), memory-mapped, never loaded whole.
+    x: Optional[str] = None
+    y: Optional[str] = None
     # Folder of the mnist / cifar10 files (read locally, never downloaded).
     root: Optional[str] = None
     # Random crop with padding and horizontal flip (cifar10).
@@ -127,13 +153,20 @@ class DataConfig:
         _check_non_negative("data.noise", self.noise)
         if self.name == "npz":
             _check(bool(self.path), "data.path", "a .npz file for data=npz", self.path)
+        if self.name == "arrays":
+            _check(bool(self.x), "data.x", "a .npy file for data=arrays", self.x)
+            _check(bool(self.y), "data.y", "a .npy file for data=arrays", self.y)
+            # Moving the arrays to the device would read all of them: batches are read from the
+            # files by index instead, in the same order.
+            _check(not self.in_memory, "data.in_memory", "false for data=arrays (they stay memory-mapped)",
+                   self.in_memory)
         _check_non_negative("data.num_workers", self.num_workers)
         if self.augment:
             _check(self.name == "cifar10", "data.augment", "false unless data=cifar10 (crop and flip suit CIFAR images)",
                    self.augment)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
-        self.path, self.root = _home(self.path), _home(self.root)
+        self.path, self.root, self.x, self.y = _home(self.path), _home(self.root), _home(self.x), _home(self.y)
 
 
 @dataclass
@@ -254,6 +287,11 @@ class TrainerConfig:
     # What a non-finite loss or gradient norm does: skip the update (on every rank) or stop.
     nonfinite: str = "skip"
     max_consecutive_skips: int = 10
+    # Signals that mean "save a checkpoint at the next step boundary and exit": SIGTERM is what
+    # schedulers send at preemption, SIGUSR2 what `sbatch --signal=USR2@120` sends before the time limit.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
+    # After such a stop, rank 0 runs `scontrol requeue $SLURM_JOB_ID`: the job comes back and resumes.
+    requeue: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps is not None:
@@ -286,6 +324,10 @@ class TrainerConfig:
         _check_positive("trainer.collective_timeout_s", self.collective_timeout_s)
         _check_choice("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
         _check_non_negative("trainer.max_consecutive_skips", self.max_consecutive_skips)
+        catchable = set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}
+        for name in self.stop_signals:
+            _check(name in catchable, "trainer.stop_signals", "a list of signal names such as SIGTERM or SIGUSR2 "
+                   "(SIGKILL and SIGSTOP cannot be caught)", list(self.stop_signals))
 
 
 @dataclass
@@ -337,8 +379,7 @@ def to_config(cfg: DictConfig) -> Config:
     """The composed config as validated dataclasses (raises ConfigError naming the bad key)."""
     # Hydra lets `+group.key=value` add a key the schema lacks (its own error message for a typo
     # suggests exactly that), and the dataclasses would then drop it without a word.
-    known = _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
-    unknown = sorted(_key_paths(OmegaConf.to_container(cfg)) - known)
+    unknown = sorted(set(_key_paths(OmegaConf.to_container(cfg))) - set(schema_keys()))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; they would be ignored "
                           "(check the spelling against conf/ and the schemas in distsgd/config.py)")
@@ -346,10 +387,10 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(schema)
 
 
-def _key_paths(tree: dict, prefix: str = "") -> set[str]:
-    paths = set()
+def _key_paths(tree: dict, prefix: str = "") -> list[str]:
+    paths = []
     for key, value in tree.items():
-        paths |= _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        paths += _key_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
     return paths
 
 
@@ -360,22 +401,95 @@ def to_yaml(config: Config) -> str:
 @functools.cache  # one id per process, however often Hydra resolves the run dir
 def _run_id() -> str:
     # torchrun gives every rank of a job (and every restart of it) the same run id, so all ranks
-    # agree on one folder; ${now:} is read per process and could split a run in two.
+    # agree on one folder; ${now:} is read per process and could split a run in two. Likewise
+    # every task of a SLURM job, and the job again when it is requeued (it keeps its id), so a
+    # requeued job resumes where it stopped; torchrun's id comes first, as it is the one its
+    # rendezvous (--rdzv-id) names.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
         return run_id
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as SLURM's %A_%a
+    if "SLURM_JOB_ID" in os.environ:
+        return os.environ["SLURM_JOB_ID"]
     return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _launch_rank() -> int:
+    # Hydra needs the rank before any process group exists. distributed imports this module (for
+    # ConfigError), so it is imported here, once Hydra resolves, when both are loaded.
+    from distsgd.distributed import launch_rank
+
+    return launch_rank()
 
 
 def _hydra_output_subdir() -> Optional[str]:
     # Only rank 0 writes .hydra/; the others would race on the same files.
-    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+    return ".hydra" if _launch_rank() == 0 else None
+
+
+def schema_keys() -> list[str]:
+    """Every config key, as ``group.key``, in the schemas' order."""
+    return _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
+def swept_keys(sweep_dir: str | Path) -> list[str]:
+    """The keys (or config groups) that the Hydra multirun writing into ``sweep_dir`` sweeps, in
+    command-line order; none where no sweep has started."""
+    # A job's own config holds only its values; the sweeper saves the command line's before the first job.
+    path = Path(sweep_dir) / "multirun.yaml"
+    saved = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task", default=[]) if path.is_file() else []
+    return [override.key_or_group for override in OverridesParser.create().parse_overrides(list(saved))
+            if override.is_sweep_override()]
+
+
+def folder_name_excluded_keys(sweep_dir: str) -> list[str]:
+    # Hydra's exclude_keys matches whole keys, so the groups named in RESULT_NEUTRAL_KEYS are spelled
+    # out; a key the sweep varies stays in, or two of its jobs would share a folder.
+    swept = swept_keys(sweep_dir)
+    return [key for key in schema_keys() if key_in(key, RESULT_NEUTRAL_KEYS) and key not in swept]
+
+
+_job_folders: dict[str, int] = {}  # job folder -> the job of this process's sweep that has it
+
+
+def job_folder(sweep_dir: str, override_dirname: str, job_num: int) -> str:
+    """A sweep job's folder: its overrides as Hydra's override_dirname writes them, or its number
+    when all of them are left out."""
+    # Hydra keeps a value's "/" (data.path=/x/y.npz): it would nest one job's folder in another's.
+    name = override_dirname.replace("%", "%25").replace("/", "%2F") or str(job_num)
+    # A sweeper other than Hydra's basic one may vary a left-out key without naming it on the command line.
+    owner = _job_folders.setdefault(os.path.join(sweep_dir, name), job_num)
+    if owner != job_num:
+        raise ConfigError(f"hydra.sweep.subdir: jobs {owner} and {job_num} would share the folder {name}: they differ "
+                          f"only in keys that folder names leave out ({', '.join(RESULT_NEUTRAL_KEYS)}); name the "
+                          "jobs by number instead: hydra.sweep.subdir='${hydra.job.num}'")
+    return name
+
+
+def varied_keys() -> list[str]:
+    """What this Hydra job varies, in command-line order: under a multirun the keys (or groups)
+    its sweep varies, in a single run those its command line sets that can change its result;
+    none outside Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:
+        return swept_keys(hydra_config.sweep.dir)
+    overrides = OverridesParser.create().parse_overrides(list(hydra_config.overrides.task))
+    return [override.key_or_group for override in overrides
+            if not override.is_delete() and not key_in(override.key_or_group, RESULT_NEUTRAL_KEYS)]
 
 
 def register() -> None:
     ConfigStore.instance().store(name="distsgd_schema", node=Config)
-    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True)
+    # Cached in the config: Hydra copies the cache into each job of a sweep, so jobs that a
+    # launcher runs in other processes (submitit's) resolve the same sweep directory.
+    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("distsgd_output_subdir", _hydra_output_subdir, replace=True)
+    OmegaConf.register_new_resolver("distsgd_folder_name_excluded_keys", folder_name_excluded_keys, replace=True)
+    OmegaConf.register_new_resolver("distsgd_job_folder", job_folder, replace=True)
+    OmegaConf.register_new_resolver("distsgd_rank", _launch_rank, replace=True)
 
 
 register()

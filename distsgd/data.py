@@ -97,6 +97,46 @@ class Dataset:
         return x.contiguous(memory_format=self.memory_format(device)) if x.dim() == 4 else x
 
 
+class MappedRows:
+    """Rows ``rows`` (in that order) of an array memory-mapped from a .npy file, standing in for a
+    host tensor: indexing reads only the rows asked for, so the array never needs to fit in memory.
+    Sorted, the rows of a batch are read in file order; they come back in the order asked for."""
+
+    def __init__(self, path: Path, rows: np.ndarray, dtype: torch.dtype, row_shape: tuple[int, ...]):
+        self.path, self.rows, self.dtype, self.row_shape = path, rows, dtype, row_shape
+        self.array = np.load(path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.row_shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[idx.cpu().numpy()]
+        order = np.argsort(rows)
+        batch = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
+        batch[order] = self.array[rows[order]]
+        return torch.from_numpy(batch).to(self.dtype).reshape(len(rows), *self.row_shape)
+
+    def __getstate__(self) -> dict:
+        # A DataLoader worker started by spawn or forkserver gets a copy by pickle, which would
+        # hold the whole array: it opens the file anew instead.
+        return {k: v for k, v in self.__dict__.items() if k != "array"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = np.load(self.path, mmap_mode="r")
+
+
 class _Rows(torch.utils.data.Dataset):
     """Rows of host tensors, fetched a whole batch at a time (DataLoader calls __getitems__)."""
 
@@ -123,6 +163,8 @@ def load(cfg: DataConfig) -> Dataset:
             x, y = _synthetic_regression(cfg)
         case "npz":
             x, y = _read_npz(Path(cfg.path))
+        case "arrays":
+            return _read_arrays(Path(cfg.x), Path(cfg.y), cfg.val_fraction, cfg.seed)
         case "digits":
             x, y = readers.read_digits()
         case "mnist":
@@ -170,29 +212,68 @@ def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = npz["x"], npz["y"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ConfigError(f"data.path: {path} is not a readable .npz file ({err})") from None
-    if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
-        raise ConfigError(f"data.path: {path} needs x of shape (N, features...) and y of length N, "
-                          f"got x {x.shape} and y {y.shape}")
+    _check_arrays(x, y, f"data.path: {path}")
     if np.issubdtype(y.dtype, np.integer):
-        if y.ndim != 1 or y.min() < 0:
-            raise ConfigError(f"data.path: integer labels y in {path} must be 1-D and >= 0")
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-    if not np.issubdtype(y.dtype, np.floating) or y.ndim > 2:
-        raise ConfigError(f"data.path: y in {path} must be integer labels or float targets of shape (N,) or (N, k)")
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32).reshape(len(y), -1))
 
 
+def _check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
+    """Samples x (N, features...) and their labels or targets y, as data=npz and data=arrays take them."""
+    if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(f"{source} needs x of shape (N, features...) and y of length N, "
+                          f"got x {x.shape} and y {y.shape}")
+    if np.issubdtype(y.dtype, np.integer):
+        if y.ndim != 1 or y.min() < 0:
+            raise ConfigError(f"{source}: integer labels y must be 1-D and >= 0")
+    elif not np.issubdtype(y.dtype, np.floating) or y.ndim > 2:
+        raise ConfigError(f"{source}: y must be integer labels or float targets of shape (N,) or (N, k)")
+
+
+def _read_arrays(x_path: Path, y_path: Path, val_fraction: float, seed: int) -> Dataset:
+    """data=arrays: the same samples as data=npz, split alike, but memory-mapped: only indices are
+    split and shuffled, and each batch reads its rows from the files."""
+    x, y = _map_npy(x_path, "data.x"), _map_npy(y_path, "data.y")
+    _check_arrays(x, y, f"data.x={x_path} with data.y={y_path}")
+    train, val = _split_indices(len(x), val_fraction, seed)
+    if np.issubdtype(y.dtype, np.integer):
+        task, num_outputs, y_dtype, y_shape = "classification", int(y.max()) + 1, torch.int64, ()
+    else:
+        targets = y.shape[1] if y.ndim == 2 else 1
+        task, num_outputs, y_dtype, y_shape = "regression", targets, torch.float32, (targets,)
+    rows = [(MappedRows(x_path, idx, torch.float32, x.shape[1:]), MappedRows(y_path, idx, y_dtype, y_shape))
+            for idx in (train.numpy(), val.numpy())]
+    return Dataset(*rows[0], *rows[1], task, num_outputs)
+
+
+def _map_npy(path: Path, key: str) -> np.ndarray:
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file: {path}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"{key}: {path} is not a readable .npy file ({err})") from None
+    if not isinstance(array, np.memmap):  # an .npz archive, which np.load opens whole
+        raise ConfigError(f"{key}: {path} is not a .npy file (data=npz reads .npz archives)")
+    return array
+
+
 def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int) -> Dataset:
-    n_val = int(round(len(x) * val_fraction))
-    if n_val >= len(x):
-        raise ConfigError(f"data.val_fraction={val_fraction} leaves no training samples out of {len(x)}")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, train = perm[:n_val], perm[n_val:]
+    train, val = _split_indices(len(x), val_fraction, seed)
     if y.dtype == torch.int64:
         task, num_outputs = "classification", int(y.max()) + 1
     else:
         task, num_outputs = "regression", y.shape[1]
     return Dataset(x[train], y[train], x[val], y[val], task, num_outputs)
+
+
+def _split_indices(num_samples: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation indices: a random permutation, validation first."""
+    n_val = int(round(num_samples * val_fraction))
+    if n_val >= num_samples:
+        raise ConfigError(f"data.val_fraction={val_fraction} leaves no training samples out of {num_samples}")
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
 
 
 def local_batch_size(global_batch_size: int, world_size: int, accumulate: int = 1) -> int:

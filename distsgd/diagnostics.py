@@ -32,7 +32,13 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class NoiseScale:
-    """Measures |G_small|^2 and |G_big|^2 every step and keeps the EMAs (in checkpoints)."""
+    """Measures |G_small|^2 and |G_big|^2 every step and keeps the EMAs (in checkpoints).
+
+    On several ranks, the mean of the ranks' small-batch measurements would cost a collective of
+    its own every step. Instead each rank carries its measurement into the next step's stats all-
+    reduce (step.WithStepStats), so a step is folded in one step late; logged steps and saves
+    settle what is being carried with one scalar all-reduce, so what is logged or saved always
+    includes the step it belongs to."""
 
     def __init__(self, cfg: DiagnosticsConfig, global_batch: int, world_size: int, accumulate: int,
                  device: torch.device) -> None:
@@ -43,12 +49,15 @@ class NoiseScale:
         # Per rank when there are several (micro-batches are summed inside the rank); else per micro-batch.
         self.pieces = world_size if world_size > 1 else accumulate
         self.ema_samples = cfg.noise_ema_samples or 20 * global_batch
-        self.local = torch.zeros((), dtype=torch.float64, device=device)  # sum of small-batch squared norms
-        self.work = None
+        self.local = torch.zeros((), device=device)  # this step's sum of small-batch squared norms
+        self.carry = torch.zeros((), device=device)  # the previous step's, on its way to the other ranks
+        self.nothing = torch.zeros((), device=device)
+        self.pending: tuple | None = None  # (big_sq, grad_scale, big) of the step being carried
         self.ema = {"grad_sq": 0.0, "trace_cov": 0.0, "weight": 0.0}
+        self.last = {"small_sq": math.nan, "big_sq": math.nan}
 
-    # -- measuring: each step, micro_batch() after every micro-batch on one process, or local()
-    #    (manual engine) / the DDP hook (hook()) with the rank's gradient before it is averaged.
+    # -- measuring: micro_batch() after every micro-batch on one process; rank_gradient() (manual
+    #    engine) or hook() (DDP) with the rank's gradient before it is averaged, on several.
 
     def start_step(self) -> None:
         self.local.zero_()
@@ -80,37 +89,62 @@ class NoiseScale:
             return default_hooks.allreduce_hook(process_group, bucket)
         return measure_then_allreduce
 
-    def end_backward(self) -> None:
-        """After the last backward: start summing the ranks' measurements (read with ``small_sq``)."""
-        if self.world_size > 1:
-            self.work = torch.distributed.all_reduce(self.local, async_op=True)
+    def carried(self, first: bool) -> tuple[torch.Tensor]:
+        """What this rank adds to the stats all-reduce: the previous step's sum, once per step."""
+        return (self.carry if first else self.nothing,)
 
-    def small_sq(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        return self.local
+    # -- estimating, on the host
 
-    # -- estimating, on the host, from the values read with the step's other numbers
+    def finish_step(self, small: float, big_sq: float, grad_scale: float, big: int, skipped: bool,
+                    observe: bool) -> dict[str, float]:
+        """``small``: on several ranks, the ranks' mean of the previous step's carried sum; on one,
+        this step's sum. ``big`` samples made this step's global batch. Returns, when ``observe``,
+        the values to log, this step included; a skipped step is left out."""
+        step = None if skipped else (big_sq, grad_scale, big)
+        if self.world_size == 1:
+            if step is not None:
+                self._fold(small, *step)
+        else:
+            if self.pending is not None:
+                self._fold(small, *self.pending)
+            self.pending = step
+            self.carry.copy_(self.local if step is not None else self.nothing)
+            if observe:
+                self.settle()
+        return self.values() if observe else {}
 
-    def update(self, small_sum: float, big_sq: float, grad_scale: float, big: int) -> dict[str, float]:
-        """Fold in this step, whose global batch held ``big`` samples (a non-finite step is left
-        out); the values to log."""
+    def settle(self) -> None:
+        """Fold in the step being carried now, with one scalar all-reduce (every rank calls it)."""
+        if self.world_size == 1:
+            return
+        total = self.carry.clone()
+        torch.distributed.all_reduce(total)
+        if self.pending is not None:
+            self._fold(total.item() / self.world_size, *self.pending)
+        self.pending = None
+        self.carry.zero_()
+
+    def _fold(self, small: float, big_sq: float, grad_scale: float, big: int) -> None:
         # Micro-batch gradients were measured as their share (1/accumulate) of the step's gradient.
         per_piece = self.accumulate**2 if self.world_size == 1 else 1
-        small_sq = small_sum / self.pieces * per_piece / grad_scale**2
-        if math.isfinite(small_sq) and math.isfinite(big_sq):
-            b = big // self.pieces
-            decay = math.exp(-big / self.ema_samples)
-            for key, value in (("grad_sq", (big * big_sq - b * small_sq) / (big - b)),
-                               ("trace_cov", (small_sq - big_sq) / (1 / b - 1 / big)), ("weight", 1.0)):
-                self.ema[key] = decay * self.ema[key] + (1 - decay) * value
+        small_sq = small / (self.pieces if self.world_size == 1 else 1) * per_piece / grad_scale**2
+        self.last = {"small_sq": small_sq, "big_sq": big_sq}
+        if not (math.isfinite(small_sq) and math.isfinite(big_sq)):
+            return
+        b = big // self.pieces
+        decay = math.exp(-big / self.ema_samples)
+        for key, value in (("grad_sq", (big * big_sq - b * small_sq) / (big - b)),
+                           ("trace_cov", (small_sq - big_sq) / (1 / b - 1 / big)), ("weight", 1.0)):
+            self.ema[key] = decay * self.ema[key] + (1 - decay) * value
+
+    def values(self) -> dict[str, float]:
         grad_sq, trace = (self.ema[k] / self.ema["weight"] if self.ema["weight"] else math.nan
                           for k in ("grad_sq", "trace_cov"))
-        return {"gns/small_sq": small_sq, "gns/big_sq": big_sq, "gns/grad_sq": grad_sq, "gns/trace_cov": trace,
-                "gns/b_simple": trace / grad_sq if grad_sq else math.nan}
+        return {"gns/small_sq": self.last["small_sq"], "gns/big_sq": self.last["big_sq"], "gns/grad_sq": grad_sq,
+                "gns/trace_cov": trace, "gns/b_simple": trace / grad_sq if grad_sq else math.nan}
 
     def state_dict(self) -> dict:
+        """The EMAs; call ``settle`` first, so that nothing is being carried."""
         return dict(self.ema)
 
     def load_state_dict(self, state: dict) -> None:

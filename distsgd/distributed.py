@@ -1,7 +1,8 @@
-"""Processes: the process group from torchrun's environment, the device of each rank, the
-collectives the trainer uses, and gradient averaging for the manual all-reduce engine.
+"""Processes: the process group from the launcher's environment (torchrun's, or srun's in a SLURM
+job), the device of each rank, the collectives the trainer uses, and gradient averaging for the
+manual all-reduce engine.
 
-A run outside torchrun still gets a (one-process) process group, so the trainer has a single
+A run outside any launcher still gets a (one-process) process group, so the trainer has a single
 code path whatever the world size.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,40 +47,133 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# What torchrun sets for its workers (and what a user may set by hand instead): when any is
+# present, it describes the process group, even inside a SLURM job.
+TORCHRUN_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+# srun's tasks meet at a port of the first node that the job id decides, so that every task finds
+# the same one without talking first, and two jobs sharing a node rarely collide.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Who this process is, as its launcher says: torchrun (or RANK and friends set by hand), srun
+    (a task of a SLURM job step), or nobody (rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None  # where rank 0 hosts the store the ranks meet at; None: not set
+    master_port: int | None
+    srun: bool = False  # the ranks come from SLURM's variables; torchrun's store is not there
+
+
+def launch_environment(environ: Mapping[str, str] = os.environ) -> Launch:
+    """The process group that the environment describes: torchrun's variables when present, else
+    srun's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the address from MASTER_ADDR and MASTER_PORT
+    when set, else the first node of the step and a port derived from the job id), else one process."""
+    if not ranks_from_slurm(environ):
+        port = environ.get("MASTER_PORT")
+        return Launch(launch_rank(environ), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0)),
+                      environ.get("MASTER_ADDR"), int(port) if port else None)
+    rank, world_size, local_rank = (int(environ[var]) for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+    if world_size == 1:
+        return Launch(rank, world_size, local_rank, None, None, srun=True)
+    port = environ.get("MASTER_PORT") or SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
+    return Launch(rank, world_size, local_rank, environ.get("MASTER_ADDR") or _first_node(environ), int(port),
+                  srun=True)
+
+
+def ranks_from_slurm(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether srun's variables describe the process group: a task of a SLURM job step that
+    torchrun did not start."""
+    # Only srun sets SLURM_STEP_ID: the batch script itself also has SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS, but it is one process, and a run started there must not wait for the others.
+    return (all(var in environ for var in ("SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+            and not any(var in environ for var in TORCHRUN_RANK_VARS))
+
+
+def launch_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank before any process group exists: who writes and who prints."""
+    return int(environ["SLURM_PROCID"] if ranks_from_slurm(environ) else environ.get("RANK", 0))
+
+
+def _first_node(environ: Mapping[str, str]) -> str:
+    # srun starts task 0 on the first node of its step, which may be a part of the job's nodes.
+    var = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in environ else "SLURM_JOB_NODELIST"
+    try:
+        return expand_nodelist(environ[var])[0]
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"cannot find the first node of this SLURM job ({var}: {err}); "
+                          "set MASTER_ADDR to the host of rank 0") from None
+
+
+# One host of the list: text and [ranges], up to a comma outside brackets.
+_HOST = re.compile(r"(?:[^,\[\]]|\[[^\[\]]*\])+")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The hosts of SLURM's compressed host list, in order, as `scontrol show hostnames` prints
+    them: ``node[01-03,07]`` -> node01 node02 node03 node07; ``a1,b[2-3]`` -> a1 b2 b3 (padding kept)."""
+    items = _HOST.findall(nodelist)
+    if not items or ",".join(items) != nodelist:
+        raise ValueError(f"cannot read the host list {nodelist!r}")
+    hosts = []
+    for item in items:
+        names = [""]
+        # Odd parts are what stood in brackets: rack[1-2]-gpu[01-02] -> rack, 1-2, -gpu, 01-02, "".
+        for i, part in enumerate(re.split(r"\[([^\]]*)\]", item)):
+            choices = _expand_ranges(part, nodelist) if i % 2 else [part]
+            names = [name + choice for name in names for choice in choices]
+        hosts += names
+    return hosts
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    numbers = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or not (high or low).isdigit() or int(high or low) < int(low):
+            raise ValueError(f"bad range {part!r} in {nodelist!r}")
+        # SLURM pads to the width of the range's first number: [08-10] is 08 09 10.
+        numbers += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
+    return numbers
+
+
 def init(requested_device: str, timeout_s: float = 1800.0) -> Dist:
-    """Join the process group that torchrun describes in the environment (or a one-process one)."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """Join the process group that the launcher describes in the environment (or a one-process one)."""
+    launch = launch_environment()
+    rank, world_size = launch.rank, launch.world_size
     if not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
-    missing = [var for var in ("MASTER_ADDR", "MASTER_PORT") if var not in os.environ]
+    missing = [var for var, value in (("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port))
+               if value is None]
     if world_size > 1 and missing:
         # Without a rendezvous each process would train alone on its 1/W share of every batch.
         raise ConfigError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with torchrun, "
                           "or set MASTER_ADDR and MASTER_PORT so that the processes can meet")
-    device = resolve_device(requested_device, local_rank)
+    device = resolve_device(requested_device, launch.local_rank)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
         backend = "gloo"
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, store=_group_store(timeout), rank=rank, world_size=world_size,
+    if launch.master_addr is not None:
+        dist.init_process_group(backend, store=_group_store(launch, timeout), rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, local_rank=launch.local_rank, device=device)
 
 
-# The store of torchrun's environment, connected once and kept for every process group that this
+# The store of the launcher's environment, connected once and kept for every process group that this
 # process joins; and how many it has joined.
 _store: dist.Store | None = None
 _groups_joined = itertools.count()
 
 
-def _group_store(timeout: timedelta) -> dist.Store:
+def _group_store(launch: Launch, timeout: timedelta) -> dist.Store:
     """A key space of this process group's own, in the one store this process keeps.
 
     A process group names its keys alike every time, so a group that meets an earlier group's keys
@@ -91,7 +187,10 @@ def _group_store(timeout: timedelta) -> dist.Store:
     group in the last one's store before rank 0 closes it.
     """
     global _store
-    if _store is None:
+    if _store is None and launch.srun:
+        _store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
+                               is_master=launch.rank == 0, timeout=timeout)
+    elif _store is None:
         _store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     _store.set_timeout(timeout)
     prefix = f"default_pg/group_{next(_groups_joined)}"

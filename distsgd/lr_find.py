@@ -20,7 +20,6 @@ import csv
 import itertools
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,8 @@ from omegaconf import DictConfig
 from distsgd import data, distributed, models, optim, train
 from distsgd.config import CONF_DIR, Config, ConfigError, LrFindConfig, to_config
 from distsgd.distributed import Dist
-from distsgd.metrics import quiet_console
 from distsgd.step import TrainStep
-from distsgd.stopping import hydra_errors, report
+from distsgd.stopping import hydra_errors, run_as_command
 
 log = logging.getLogger("distsgd")
 
@@ -210,14 +208,7 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> Sweep:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    hydra_errors.release()
-    is_main = os.environ.get("RANK", "0") == "0"
-    quiet_console(is_main)
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        report(f"error: {err}", is_main)
-        raise SystemExit(2) from None
+    run_as_command(run, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def with_default_dirs(arguments: list[str]) -> list[str]:

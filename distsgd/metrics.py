@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
+
+from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, key_in
+
+# The best value so far of a validation curve, logged beside it: (curve, better of two values).
+BEST = {"val/loss": ("val/best_loss", min), "val/accuracy": ("val/best_accuracy", max)}
 
 
 class NullLogger:
@@ -19,7 +26,7 @@ class NullLogger:
     def progress(self, step: int, **shown: float) -> None:
         pass
 
-    def hparams(self, hparams: dict, final_metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = ()) -> None:
         pass
 
     def close(self) -> None:
@@ -45,17 +52,75 @@ class TensorBoardLogger(NullLogger):
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
 
-    def hparams(self, hparams: dict, final_metrics: dict[str, float]) -> None:
-        """One HParams entry for the run; its metrics are the scalar tags already logged, so the
-        dashboard compares a sweep on the final values of the very curves shown elsewhere."""
+    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = ()) -> None:
+        """One HParams entry for the run (see ``hparams_entry``); its metrics are the scalar tags
+        already logged, so the dashboard compares a sweep on the final values of the very curves
+        shown elsewhere, and on the best validation values."""
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        for summary in hparams_summary(hparams, final_metrics):
+        entry, leading = hparams_entry(hparams, varied)
+        experiment, *session = hparams_summary(entry, final_metrics)
+        # TensorBoard orders its columns by this flag, then by name: the varied keys come first.
+        [value] = experiment.value
+        data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:
+            info.differs = info.name in leading
+        value.metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, *session):
             self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+def hparams_entry(config: dict, varied: Sequence[str]) -> tuple[dict, list[str]]:
+    """The flat ``config`` as an HParams entry, and the keys it leads with: those ``varied`` names
+    (a group stands for its ``name`` key), in that order. The rest follow in the config's order,
+    less the keys that cannot change the training run (RESULT_NEUTRAL_KEYS) or that it never reads
+    (LR_FIND_KEYS): a key that the run varies stays, even one of those."""
+    leading = list(dict.fromkeys(key if key in config else f"{key}.name" for key in varied))
+    leading = [key for key in leading if key in config]
+    rest = [key for key in config if key not in leading and not key_in(key, RESULT_NEUTRAL_KEYS + LR_FIND_KEYS)]
+    return {key: config[key] for key in leading + rest}, leading
+
+
+def read_scalars(log_dir: Path) -> dict:
+    """Every scalar curve in a TensorBoard folder, as {tag: [ScalarEvent(wall_time, step, value)]},
+    through TensorBoard's own loader: each step once, as the newest writer left it (a resumed run
+    purges the points past its checkpoint), and none dropped ({"scalars": 0} keeps them all)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    tensorboard_log = logging.getLogger("tensorboard")
+    level = tensorboard_log.level
+    # It warns of every purge, which is how a resumed run keeps one point per step: no news here.
+    tensorboard_log.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        tensorboard_log.setLevel(level)
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+class BestValues:
+    """The best finite value so far of each validation curve, under its BEST tag (in checkpoints,
+    so that a resumed run's best covers the steps before the resume, wherever it resumes)."""
+
+    def __init__(self, state: dict[str, float] | None = None) -> None:
+        self.best = dict(state or {})
+
+    def update(self, values: dict[str, float]) -> dict[str, float]:
+        """Fold in a validation's values; the best ones so far, to log beside them."""
+        for tag in BEST.keys() & values.keys():
+            best_tag, better = BEST[tag]
+            if math.isfinite(values[tag]):
+                self.best[best_tag] = better(self.best.get(best_tag, values[tag]), values[tag])
+        return dict(self.best)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

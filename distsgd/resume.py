@@ -26,7 +26,7 @@ log = logging.getLogger("distsgd")
 # What decides the trajectory: a resumed run must agree with its checkpoint on these.
 TRAJECTORY_KEYS = ("data.", "model.", "optim.", "schedule.", "trainer.seed", "trainer.precision",
                    "trainer.clip_grad_norm", "trainer.comm_hook", "trainer.powersgd_", "trainer.local_sgd_")
-NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path")
+NOT_TRAJECTORY = ("data.in_memory", "data.num_workers", "data.root", "data.path", "data.x", "data.y")
 # What Saver writes besides "model" and "step".
 TRAINING_STATE = ("optimizer", "scaler", "scheduler", "skipped_steps", "world_size", "rng", "config")
 
@@ -51,18 +51,22 @@ class Saver:
     None), rank 0 writes, all wait for it."""
 
     def __init__(self, directory: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler,
-                 dist: Dist, running_stats: RunningStats, diagnostics_state=dict, rank_state=lambda: None):
+                 dist: Dist, running_stats: RunningStats, instruments=None, best=None):
         self.directory, self.config, self.schedule = directory, config, schedule
         self.model, self.optimizer, self.scaler, self.dist = model, optimizer, scaler, dist
-        self.running_stats, self.diagnostics_state, self.rank_state = running_stats, diagnostics_state, rank_state
+        # instruments: what keeps state across steps beside the model (step.TrainStep's settle/state_dict,
+        # and rank_state: what differs between the ranks).
+        self.running_stats, self.instruments, self.best = running_stats, instruments, best
         self.config_yaml = to_yaml(config)  # made once: OmegaConf takes tens of ms
         self.last_path: Path | None = None
 
     def __call__(self, step: int, skipped: int, final: bool) -> None:
+        if self.instruments is not None:
+            self.instruments.settle()
         rng_states: list = [None] * self.dist.world_size
         torch.distributed.all_gather_object(rng_states, checkpoint.rng_state(self.dist.device))
         extra = {}
-        own = self.rank_state()  # None on every rank alike (the config decides)
+        own = self.instruments.rank_state() if self.instruments is not None else None  # alike on every rank
         if own is not None:
             # Gathered on rank 0 only: with local SGD these are W copies of the model and optimizer state.
             extra["comm"] = [None] * self.dist.world_size if self.dist.is_main else None
@@ -80,7 +84,8 @@ class Saver:
                     "world_size": self.dist.world_size,
                     "rng": rng_states,
                     "config": self.config_yaml,
-                    "diagnostics": self.diagnostics_state(),
+                    "diagnostics": self.instruments.state_dict() if self.instruments is not None else {},
+                    "best": self.best.state_dict() if self.best is not None else {},
                     **extra,
                 }, self.last_path)
                 checkpoint.prune(self.directory, self.config.trainer.keep_checkpoints)
@@ -89,7 +94,7 @@ class Saver:
 
 def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimizer, scaler, dist: Dist) -> dict:
     """Load ``path`` into the model, optimizer and scaler; returns {"step", "skipped_steps",
-    "diagnostics", "comm"}, the last this rank's entry of "comm" (None if none fits this run)."""
+    "diagnostics", "best", "comm"}, the last this rank's entry of "comm" (None if none fits this run)."""
     state = checkpoint.load(path, verified=dist.is_main)  # rank 0 hashed it just now, choosing it
     # checkpoint.load vouches for "model" and "step" only; a foreign file could still lack the rest.
     missing = [key for key in TRAINING_STATE if key not in state]
@@ -125,7 +130,7 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
         checkpoint.set_rng_state(state["rng"][dist.rank], dist.device)
     log.info("resumed from %s at step %d", path, state["step"])
     return {"step": state["step"], "skipped_steps": state["skipped_steps"], "diagnostics": state.get("diagnostics", {}),
-            "comm": rank_state}
+            "best": state.get("best", {}), "comm": rank_state}
 
 
 def check_same_trajectory(path: Path, config: Config, schedule: optim.Schedule, state: dict,

@@ -36,29 +36,30 @@ def autocast(device: torch.device, precision: str):
 
 
 class WithStepStats(torch.nn.Module):
-    """The model plus ``stats``, a 2-element parameter whose gradient is [this rank's loss, 1 if
-    this rank must stop]. Averaged over the ranks with the model's gradients, by DDP or by
-    ``average_gradients``, it gives every rank the global loss and whether any rank must stop, at
-    the cost of two floats in a bucket rather than a collective of its own every step.
-    ``stats`` is always 0 and in no optimizer, so the model and its gradients are unchanged."""
+    """The model plus ``stats``, a parameter whose gradient is [this rank's loss, 1 if this rank
+    must stop, then any values ``carried`` along]. Averaged over the ranks with the model's
+    gradients, by DDP or by ``average_gradients``, it gives every rank the global loss, whether
+    any rank must stop, and the ranks' mean of each carried value, at the cost of a few floats in
+    a bucket rather than a collective of its own every step. ``stats`` is always 0 and in no
+    optimizer, so the model and its gradients are unchanged."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, carried: int = 0) -> None:
         super().__init__()
         self.model = model
-        self.stats = torch.nn.Parameter(torch.zeros(2, device=device))
+        self.stats = torch.nn.Parameter(torch.zeros(2 + carried, device=device))
         self._stop = torch.tensor([0.0, 1.0], device=device)  # made once: a new tensor per step costs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def attach(self, loss: torch.Tensor, stop: bool) -> torch.Tensor:
+    def attach(self, loss: torch.Tensor, stop: bool, *carried: torch.Tensor) -> torch.Tensor:
         """A zero to add to the loss before backward, whose gradient writes ``stats.grad``."""
-        return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)]]))
+        return torch.dot(self.stats, torch.stack([loss.detach(), self._stop[int(stop)], *carried]))
 
     def read(self, *more: torch.Tensor, world_size: int = 1) -> list[float]:
-        """The averaged [loss, stop] (then ``more``), in one read from the device; then clears
-        ``stats.grad`` for the next step. ``world_size`` > 1: the gradients stayed on their rank
-        (local SGD), so these are averaged over the ranks here, ``more`` too."""
+        """The averaged [loss, stop, *carried] (then ``more``), in one read from the device; then
+        clears ``stats.grad`` for the next step. ``world_size`` > 1: the gradients stayed on their
+        rank (local SGD), so these are averaged over the ranks here, ``more`` too."""
         values = torch.cat([self.stats.grad, *(t.reshape(1) for t in more)])
         if world_size > 1:
             distributed.all_reduce_sum(values.div_(world_size))
@@ -92,7 +93,8 @@ class TrainStep:
         # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
         # DDP's forward is active while the inner module compiles, so its graph is still split at
         # DDP's bucket boundaries (DDPOptimizer).
-        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device)
+        carried = 1 if self.noise is not None and dist.world_size > 1 else 0
+        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device, carried)
         self.buckets = None
         self.comm = comm.build(tc, diagnostics, self.params, optimizer, scaler)
         if tc.allreduce == "ddp":
@@ -121,8 +123,6 @@ class TrainStep:
             if self.noise is not None:
                 self.noise.rank_gradient(self._grads())
             distributed.average_gradients(self.buckets, self.world_size)
-        if self.noise is not None:
-            self.noise.end_backward()
         scale = self.scaler.get_scale() if self.noise is not None and self.scaler.is_enabled() else 1.0
         self.scaler.unscale_(self.optimizer)
         grad_norm = get_total_norm(self._grads())
@@ -133,7 +133,7 @@ class TrainStep:
         # Averaged with the gradients (or apart from them, where they stay local), these are the
         # same numbers on every rank, and so is the verdict.
         local = self.world_size if self.comm.gradients_local() else 1
-        loss, stop_requested, norm, *small = self.stats.read(grad_norm, *self._noise_sum(), world_size=local)
+        loss, stop_requested, *noise, norm = self.stats.read(*self._noise_read(), grad_norm, world_size=local)
         # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
         skipped = not (math.isfinite(loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
         if skipped:
@@ -143,8 +143,8 @@ class TrainStep:
         self.scaler.update()
         self.comm.after_step(skipped or not math.isfinite(norm))
         diagnostics = {}
-        if self.noise is not None and not skipped:  # len(x): the global batch can grow (data.batch_milestones)
-            diagnostics = self.noise.update(small[0], norm**2, scale, big=len(x) * self.world_size)
+        if self.noise is not None:  # len(x): the global batch can grow (data.batch_milestones)
+            diagnostics = self.noise.finish_step(noise[0], norm**2, scale, len(x) * self.world_size, skipped, observe)
         if self.layers is not None and observe:
             diagnostics.update(self.layers.after_update())
         return StepResult(loss, norm, skipped, bool(stop_requested), diagnostics)
@@ -152,8 +152,18 @@ class TrainStep:
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params if p.grad is not None]
 
-    def _noise_sum(self) -> tuple[torch.Tensor, ...]:
-        return () if self.noise is None else (self.noise.small_sq(),)
+    def _noise_read(self) -> tuple[torch.Tensor, ...]:
+        # Several ranks: the previous step's mean arrives carried in stats (no tensor to add here).
+        return (self.noise.local,) if self.noise is not None and self.world_size == 1 else ()
+
+    def settle(self) -> None:
+        """Fold in what is still being carried (a collective: on every rank, before a save)."""
+        if self.noise is not None:
+            self.noise.settle()
+
+    def rank_state(self) -> dict | None:
+        """What differs between the ranks (comm.py), for checkpoints; None where nothing does."""
+        return self.comm.rank_state()
 
     def state_dict(self) -> dict:
         """What the instruments keep across steps, for checkpoints."""
@@ -175,6 +185,7 @@ class TrainStep:
             sync = i == accumulate - 1 or self.buckets is not None
             with (nullcontext() if sync else self.net.no_sync()), self.autocast:
                 micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
-            (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop)).backward()
+            carried = self.noise.carried(first=i == 0) if self.stats.stats.numel() > 2 else ()
+            (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop, *carried)).backward()
             if self.noise is not None:
                 self.noise.micro_batch(self._grads())

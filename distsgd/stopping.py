@@ -1,6 +1,7 @@
-"""How a run ends early: stop signals, the ``Stopped`` exception, and reporting a failure the user
-can act on as one line, once: on rank 0's console, in every rank's log, and in torchrun's error
-file, so that torchrun's "Root Cause" shows distsgd's line rather than a traceback.
+"""How a run ends early: stop signals (and requeueing a SLURM job after one), the ``Stopped``
+exception, and reporting a failure the user can act on as one line, once: on rank 0's console, in
+every rank's log, and in torchrun's error file, so that torchrun's "Root Cause" shows distsgd's
+line rather than a traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distsgd.config import TrainerConfig
+import torch
+
+from distsgd import distributed
+from distsgd.metrics import quiet_console
+from distsgd.config import ConfigError, TrainerConfig
+from distsgd.distributed import Dist
 
 log = logging.getLogger("distsgd")
 
@@ -35,23 +42,69 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """Remembers a SIGTERM (what schedulers send at their time limit) until the next step ends.
+    """Remembers which of ``names`` (trainer.stop_signals: SIGTERM, what schedulers send at
+    preemption, SIGUSR2, what SLURM sends before the time limit) arrived, until the next step ends.
     Python delivers signals to the main thread only: a run in another thread (scripts/bench.py's
     second contender) listens to none."""
 
+    def __init__(self, names: list[str]) -> None:
+        self.signals = [signal.Signals[name] for name in names]
+
     def __enter__(self):
         self.received = False
+        self.arrived: set[int] = set()
         self.listening = threading.current_thread() is threading.main_thread()
         if self.listening:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+        self.arrived.add(signum)
 
     def __exit__(self, *exc) -> None:
         if self.listening:
-            signal.signal(signal.SIGTERM, self.previous)
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    def arrived_anywhere(self, device: torch.device) -> list[signal.Signals]:
+        """The stop signals that some rank received: a rank that got none still names them. Every
+        rank calls this, once the step has told them all that one must stop."""
+        counts = torch.tensor([float(sig in self.arrived) for sig in self.signals], device=device)
+        return [sig for sig, count in zip(self.signals, distributed.all_reduce_sum(counts).tolist()) if count]
+
+
+def stopped_by_signal(stop: StopSignal, step: int, saved: Path, dist: Dist, requeue: bool) -> Stopped:
+    """What ends a run that a stop signal interrupted, its checkpoint ``saved``: with ``requeue``,
+    rank 0 first asks SLURM to requeue the job, and every rank waits for that, lest the others' exit
+    end the job step (srun --kill-on-bad-exit) before the request is made."""
+    signals = stop.arrived_anywhere(dist.device)
+    requeued = distributed.broadcast_object(requeue_job() if requeue and dist.is_main else None)
+    what = f"stopped by {' and '.join(sig.name for sig in signals)} after step {step}; saved {saved}"
+    if requeued:
+        then = f"requeued SLURM job {requeued}, which resumes from it"
+    else:
+        then = f"to resume, run: {resume_command(saved.parent.parent, dist.world_size)}"
+    return Stopped(f"{what}; {then}", 128 + signals[0])
+
+
+def requeue_job() -> str | None:
+    """``scontrol requeue $SLURM_JOB_ID``: the job id when SLURM took it; else None and a warning,
+    since the checkpoint is saved all the same and the job can still be resubmitted by hand."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("trainer.requeue=true but SLURM_JOB_ID is not set (not a SLURM job): nothing to requeue")
+        return None
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("trainer.requeue=true but scontrol could not run (%s): job %s was not requeued", err, job)
+        return None
+    if done.returncode != 0:
+        log.warning("trainer.requeue=true but `scontrol requeue %s` failed (exit %d: %s): the job was not requeued; "
+                    "submit it with --requeue", job, done.returncode, done.stderr.strip() or done.stdout.strip())
+        return None
+    return job
 
 
 def nonfinite_message(step: int, loss: float, norm: float, consecutive: int, tc: TrainerConfig, path) -> str:
@@ -64,12 +117,14 @@ def nonfinite_message(step: int, loss: float, norm: float, consecutive: int, tc:
 
 def resume_command(run_dir: Path, world_size: int) -> str:
     """The command that continues this run: the same overrides, in the same run directory (a new
-    torchrun launch would get a new run id, hence a new directory, and start afresh)."""
+    torchrun launch or SLURM job would get a new run id, hence a new directory, and start afresh)."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
     args = " ".join(shlex.quote(arg) for arg in [*kept, f"hydra.run.dir={run_dir.resolve()}"])
+    if distributed.ranks_from_slurm():
+        return f"the same srun launch (a new SLURM job), with these arguments for distsgd.train: {args}"
     if world_size == 1:
         return f"python -m distsgd.train {args}"
     if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
@@ -110,15 +165,17 @@ class _HydraErrors:
     runs. Until ``release()`` (the first thing the task does), stderr is kept, and shown on rank 0
     only; if Hydra then exits with an error, that text goes into torchrun's error file."""
 
+    real = None  # the real stderr, while it is captured
+
     @contextmanager
     def captured(self):
         self.real, self.kept = sys.stderr, io.StringIO()
-        shown = self.real if os.environ.get("RANK", "0") == "0" else None
+        shown = self.real if distributed.launch_rank() == 0 else None
         sys.stderr = _Tee(shown, self.kept)
         try:
             yield self
         except SystemExit as exit_:
-            if sys.stderr is not self.real and exit_.code not in (0, None):
+            if self.real is not None and exit_.code not in (0, None):
                 self.release()
                 hint = "Set the environment variable HYDRA_FULL_ERROR=1"
                 text = " ".join(line.strip() for line in self.kept.getvalue().splitlines()
@@ -129,7 +186,30 @@ class _HydraErrors:
             self.release()
 
     def release(self) -> None:
-        sys.stderr = self.real
+        if self.real is not None:
+            sys.stderr, self.real = self.real, None
+
+    def __getstate__(self) -> dict:
+        # A launcher that runs the task in other processes (submitit) pickles it, and this with
+        # it: there, nothing is captured, and release() leaves stderr alone.
+        return {}
 
 
 hydra_errors = _HydraErrors()
+
+
+def run_as_command(run, cfg, run_dir: Path):
+    """``run(cfg, run_dir)`` as the task of a command (train, lr_find): rank 0 alone talks on the
+    console, and a mistake the user can fix or an early stop ends the process with its one line
+    and exit code (2, or the stop's) instead of a traceback."""
+    hydra_errors.release()
+    is_main = distributed.launch_rank() == 0
+    quiet_console(is_main)
+    try:
+        return run(cfg, run_dir)
+    except ConfigError as err:
+        report(f"error: {err}", is_main)
+        raise SystemExit(2) from None
+    except Stopped as stop:
+        report(str(stop), is_main)
+        raise SystemExit(stop.exit_code) from None

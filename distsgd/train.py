@@ -18,7 +18,6 @@ step t are measured after t updates.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
-from distsgd.config import CONF_DIR, Config, ConfigError, to_config
+from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
-from distsgd.metrics import NullLogger, TensorBoardLogger, Throughput, flatten, quiet_console
+from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, flatten
 from distsgd.step import StepResult, TrainStep, autocast
-from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, report, resume_command
+from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, run_as_command, stopped_by_signal
 from distsgd.validate import RunningStats, validate
 
 log = logging.getLogger("distsgd")
@@ -125,18 +124,21 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
 
+    best = BestValues(progress.get("best"))
+
     def validation(step: int) -> dict[str, float]:
         with running_stats.synced(step):
-            return validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+            values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+        return {**values, **best.update(values)}  # val/best_* beside val/*
 
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
-                        train_step.state_dict, train_step.comm.rank_state)
+                        train_step, best)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        with StopSignal() as stop:
+        with StopSignal(tc.stop_signals) as stop:
             skipped = _loop(config, plan, dataset, dist, schedule, train_step, validation, save, logger, metrics,
                             progress, stop)
         metrics.update(validation(plan.total_steps))
@@ -144,7 +146,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         save(plan.total_steps, skipped, final=True)
     finally:
         # Also when a run stops early: its curves are closed and listed in the HParams dashboard.
-        logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics)
+        logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics, varied_keys())
         logger.close()
     log.info("done: %d steps in %.1f s; %s; saved %s", plan.total_steps, time.perf_counter() - started,
              ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), save.last_path)
@@ -196,8 +198,7 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
             step += 1
             if result.stop_requested:
                 save(step, skipped, final=False)
-                raise Stopped(f"stopped by SIGTERM after step {step}; saved {save.last_path}; to resume, run: "
-                              f"{resume_command(save.directory.parent, dist.world_size)}", 143)
+                raise stopped_by_signal(stop, step, save.last_path, dist, tc.requeue)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < plan.total_steps:
                 save(step, skipped, final=False)
             if step == plan.total_steps:
@@ -224,17 +225,7 @@ def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    hydra_errors.release()
-    is_main = os.environ.get("RANK", "0") == "0"
-    quiet_console(is_main)
-    try:
-        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        report(f"error: {err}", is_main)
-        raise SystemExit(2) from None
-    except Stopped as stop:
-        report(str(stop), is_main)
-        raise SystemExit(stop.exit_code) from None
+    metrics = run_as_command(run, cfg, Path(HydraConfig.get().runtime.output_dir))
     return metrics.get("val/loss", metrics.get("train/loss"))  # the objective for sweepers
 
 

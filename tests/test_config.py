@@ -16,7 +16,8 @@ from distsgd.train import Plan
 
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
            for group in ("data", "model", "optim", "schedule", "trainer", "experiment")}
-NEEDS_FILES = {"npz", "mnist", "cifar10"}  # read in tests/test_data.py from files made there
+NEEDS_FILES = {"npz", "arrays", "mnist", "cifar10"}  # read from files made in test_data.py, test_arrays.py
+FILES = ["data.path=x.npz", "data.root=.", "data.x=x.npy", "data.y=y.npy"]
 DATA_FOR_MODEL = {"linear": "synthetic_regression", "cnn": "digits", "resnet": "digits"}
 
 
@@ -32,7 +33,7 @@ def test_the_groups_hold_the_documented_options():
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
 def test_every_option_composes_and_builds(group, option):
     if group == "data" and option in NEEDS_FILES:
-        assert to_config(make_config(f"data={option}", "data.path=x.npz", "data.root=.")).data.name == option
+        assert to_config(make_config(f"data={option}", *FILES)).data.name == option
         return
     extra = [f"data={DATA_FOR_MODEL[option]}"] if group == "model" and option in DATA_FOR_MODEL else []
     config = to_config(make_config(f"{group}={option}", *extra))
@@ -56,7 +57,7 @@ SGD_PRESETS = {"sgd": dict(name="sgd", momentum=0.0, nesterov=False),
 def test_option_name_matches_file():
     for group in ("data", "model", "optim", "schedule"):
         for option in OPTIONS[group]:
-            chosen = getattr(to_config(make_config(f"{group}={option}", "data.path=x.npz", "data.root=.")), group)
+            chosen = getattr(to_config(make_config(f"{group}={option}", *FILES)), group)
             expected = SGD_PRESETS.get(option, {"name": option}) if group == "optim" else {"name": option}
             assert {key: getattr(chosen, key) for key in expected} == expected, (group, option)
 

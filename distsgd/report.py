@@ -1,0 +1,441 @@
+"""A study at a glance: every run's curves as one CSV, figures and a Markdown table.
+
+    distsgd-report multirun/2026-11-25_13-17-11              # a sweep (or: python -m distsgd.report)
+    distsgd-report outputs/adam multirun/lr_sweep --out study  # runs and sweeps mixed
+
+A run is a folder holding ``tensorboard/`` (training) or ``lr_find.csv`` (distsgd.lr_find); each
+PATH is searched for them. A run's config is its ``.hydra/config.yaml``, or else the one its newest
+checkpoint holds (a run started from Python has no ``.hydra/``); its overrides are
+``.hydra/overrides.yaml``. Swept keys are the config keys whose values differ between the runs,
+less those that cannot change a result (distsgd.config.RESULT_NEUTRAL_KEYS) and, for training
+runs, those that training never reads (LR_FIND_KEYS). Written into DIR (default
+``<first PATH>/report``):
+
+- ``scalars.csv``: one row per run, tag, step: value, wall time, then the run's overrides;
+- ``figures/curves/<tag>.png``: every run's curve against step, and against samples seen and
+  epochs (samples seen / training samples) where the runs differ in batch size;
+- ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds;
+- ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``;
+- ``figures/lr_find.png``: the LR range tests' curves;
+- ``report.md``: one row per run, the swept keys first, and links to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+from omegaconf import OmegaConf
+
+from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, ConfigError, key_in, to_config
+from distsgd.metrics import BEST, flatten, read_scalars
+
+SEED = "trainer.seed"
+BATCH = "data.global_batch_size"
+LR_FIND_COLUMNS = ("lr", "loss", "smoothed_loss")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    overrides: dict[str, str]  # as .hydra/overrides.yaml writes them, by key (or config group)
+    tree: dict  # the nested config; empty when the run kept none
+    curves: dict = field(default_factory=dict)  # tag -> [ScalarEvent(wall_time, step, value)]
+    lr_find: dict[str, list[float]] | None = None  # lr_find.csv by column
+    config: dict = field(init=False)  # the tree as flat group.key entries
+
+    def __post_init__(self) -> None:
+        self.config = flatten(self.tree)
+
+
+def read_run(path: Path, name: str) -> Run:
+    """One run folder: its curves through TensorBoard's loader (metrics.read_scalars), its
+    config, overrides and LR range test."""
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(overrides_file))) \
+        if overrides_file.is_file() else []
+    lr_find = None
+    if (path / "lr_find.csv").is_file():
+        with (path / "lr_find.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        lr_find = {column: [float(row[column]) for row in rows] for column in LR_FIND_COLUMNS}
+    return Run(name, path, {o.key_or_group: o.get_value_element_as_str() for o in parsed if not o.is_delete()},
+               _config_tree(path), read_scalars(path / "tensorboard") if (path / "tensorboard").is_dir() else {},
+               lr_find)
+
+
+def _config_tree(path: Path) -> dict:
+    if (path / ".hydra" / "config.yaml").is_file():
+        return OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+    checkpoints = sorted((path / "checkpoints").glob("*.pt"), key=lambda p: (p.name == "last.pt", p.name))
+    if not checkpoints:
+        return {}
+    import torch  # only for runs without .hydra/; mmap reads the config, not the tensors
+
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    return OmegaConf.to_container(OmegaConf.create(state["config"]))
+
+
+def find_runs(paths: Sequence[Path]) -> list[Run]:
+    """Every run folder under ``paths`` (a run folder itself, or any folder above run folders)."""
+    found: list[tuple[Path, Path]] = []
+    for root in paths:
+        if not root.is_dir():
+            raise ConfigError(f"{root}: no such folder")
+        marks = [p for p in root.rglob("tensorboard") if p.is_dir()] + list(root.rglob("lr_find.csv"))
+        folders = sorted({mark.parent for mark in marks if "tensorboard" not in mark.parent.relative_to(root).parts})
+        found += [(root, folder) for folder in folders]
+    if not found:
+        raise ConfigError(f"no runs under {', '.join(map(str, paths))}: a run folder holds tensorboard/ or lr_find.csv")
+    names = [str(folder.relative_to(root)) if len(paths) == 1 else str(root.name / folder.relative_to(root))
+             for root, folder in found]
+    names = [root.name if name == "." else name for name, (root, _) in zip(names, found)]
+    if len(set(names)) < len(names):
+        names = [str(folder) for _, folder in found]
+    return [read_run(folder, name) for name, (_, folder) in zip(names, found)]
+
+
+def differing_keys(runs: Sequence[Run], left_out: tuple[str, ...]) -> list[str]:
+    """The config keys whose known values differ between ``runs``, in config order."""
+    configs = [run.config for run in runs]
+    keys = dict.fromkeys(key for config in configs for key in config)
+    return [key for key in keys if not key_in(key, left_out)
+            and len({repr(config[key]) for config in configs if key in config}) > 1]
+
+
+def _order(value: object) -> tuple:
+    # Numbers by value, then everything else as text; a run that lacks the key last.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value)) if value is not None else (2, 0.0, "")
+
+
+def label(run: Run, keys: Sequence[str]) -> str:
+    shown = [f"{key}={run.config[key]}" for key in keys if key in run.config]
+    return ", ".join(shown) if shown else run.name
+
+
+def metric_tags(runs: Sequence[Run]) -> list[str]:
+    """The validation curves (their best-so-far companions aside) and the training loss."""
+    tags = {tag for run in runs for tag in run.curves}
+    best = {best_tag for best_tag, _ in BEST.values()}
+    val = sorted((tag for tag in tags if tag.startswith("val/") and tag not in best),
+                 key=lambda tag: (tag != "val/loss", tag))
+    return val + (["train/loss"] if "train/loss" in tags else [])
+
+
+def better(tag: str) -> Callable[[Sequence[float]], float]:
+    return max if "accuracy" in tag else min
+
+
+def metric(run: Run, tag: str, kind: str) -> float | None:
+    """The ``final`` or ``best`` (finite) value of a run's curve."""
+    values = [point.value for point in run.curves.get(tag, [])]
+    if kind == "final":
+        return values[-1] if values else None
+    finite = [value for value in values if math.isfinite(value)]
+    return better(tag)(finite) if finite else None
+
+
+def summary(run: Run, tags: Sequence[str]) -> dict[str, float | None]:
+    """Final and best value of each metric, steps trained, wall time, skipped steps."""
+    row = {f"{kind} {tag}": metric(run, tag, kind) for tag in tags for kind in ("final", "best")}
+    points = [(tag, point) for tag, curve in run.curves.items() for point in curve]
+    # A train/* point at step t describes update t; a val/* point comes after t updates.
+    row["steps"] = max((point.step + (not tag.startswith("val/")) for tag, point in points), default=None)
+    times = [point.wall_time for _, point in points]
+    row["wall time (s)"] = max(times) - min(times) if times else None
+    skipped = run.curves.get("train/skipped_steps")
+    row["skipped steps"] = skipped[-1].value if skipped else None
+    return row
+
+
+def write_csv(runs: Sequence[Run], path: Path) -> None:
+    override_keys = list(dict.fromkeys(key for run in runs for key in run.overrides))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "tag", "step", "value", "wall_time", *override_keys])
+        for run in runs:
+            overrides = [run.overrides.get(key, "") for key in override_keys]
+            for tag, curve in run.curves.items():
+                writer.writerows([run.name, tag, p.step, p.value, p.wall_time, *overrides] for p in curve)
+            for column, values in (run.lr_find or {}).items():
+                writer.writerows([run.name, f"lr_find/{column}", i, v, "", *overrides] for i, v in enumerate(values))
+
+
+def _figure(panels: int) -> tuple[Figure, list]:
+    # A Figure with an Agg canvas of its own: drawn to a file, with no display and no pyplot state.
+    figure = Figure(figsize=(5.5 * panels, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+class SampleAxes:
+    """Samples seen and epochs at a run's steps, where the runs differ in batch size."""
+
+    def __init__(self, runs: Sequence[Run]):
+        batches = {run.config.get(BATCH) for run in runs}
+        self.wanted = len(batches) > 1 or any(self._scheduled(run) for run in runs)
+        self.training_samples: dict[str, int | None] = {}
+
+    @staticmethod
+    def _seen(run: Run) -> tuple[list[int], list[float]] | None:
+        """(steps, samples seen before each): train/samples counts update t's own batch too."""
+        samples, batches = run.curves.get("train/samples"), run.curves.get("train/global_batch_size")
+        if not samples or not batches:
+            return None
+        return [p.step for p in samples], [p.value - b.value for p, b in zip(samples, batches)]
+
+    @classmethod
+    def _scheduled(cls, run: Run) -> bool:
+        # Samples seen that are not step x batch (up to float32 rounding): the batch changes during the run.
+        batch, seen = run.config.get(BATCH) or 0, cls._seen(run)
+        return seen is not None and any(abs(value - step * batch) > 1e-6 * max(1, step * batch)
+                                        for step, value in zip(*seen))
+
+    def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        seen = self._seen(run)
+        if seen is not None:
+            return np.interp(steps, *seen)
+        return steps * run.config[BATCH] if BATCH in run.config else None
+
+    def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        samples, size = self.samples(run, steps), self._training_samples(run)
+        return samples / size if samples is not None and size else None
+
+    def _training_samples(self, run: Run) -> int | None:
+        key = repr(run.tree.get("data"))
+        if not run.tree:
+            return None
+        if key not in self.training_samples:
+            from distsgd import data
+
+            try:
+                self.training_samples[key] = len(data.load(to_config(OmegaConf.create(run.tree)).data).x_train)
+            except ConfigError:  # its data is not on this machine (or the run kept no config)
+                self.training_samples[key] = None
+        return self.training_samples[key]
+
+
+def plot_curves(runs: Sequence[Run], keys: Sequence[str], axes_of: SampleAxes, out: Path) -> dict[str, Path]:
+    """Per tag, every run's curve against step (and samples seen and epochs)."""
+    figures = {}
+    tags = list(dict.fromkeys(tag for run in runs for tag in run.curves))
+    xs = [("step", None)] + ([("samples seen", axes_of.samples), ("epochs", axes_of.epochs)] if axes_of.wanted else [])
+    for tag in tags:
+        figure, axes = _figure(len(xs))
+        for run in runs:
+            curve = run.curves.get(tag, [])
+            steps = np.array([p.step for p in curve], dtype=float)
+            for ax, (_, to_x) in zip(axes, xs):
+                x = steps if to_x is None else to_x(run, steps)
+                if len(curve) and x is not None:
+                    ax.plot(x, [p.value for p in curve], label=label(run, keys), linewidth=1.2)
+        for ax, (name, _) in zip(axes, xs):
+            ax.set(xlabel=name, ylabel=tag, title=tag)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize="small")
+        figures[tag] = _save(figure, out / "curves" / f"{tag}.png")
+    return figures
+
+
+def log_scale(key: str, values: Sequence[float]) -> bool:
+    """Learning rates, and any positive values spanning two decades or more, read on a log axis."""
+    positive = all(v > 0 for v in values)
+    return positive and (key.endswith("lr") or (len(values) > 1 and max(values) / min(values) >= 100))
+
+
+def _groups(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple, list[Run]]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(repr(run.config.get(key)) for key in keys), []).append(run)
+    return groups
+
+
+def plot_sweep(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], out: Path) -> dict[str, Path]:
+    """Per swept key, the final and best value of each metric against it; runs that differ in
+    other swept keys are separate lines, seeds are averaged (bars: their range)."""
+    figures = {}
+    for key in [key for key in keys if key != SEED]:
+        values = sorted({repr(run.config[key]): run.config[key] for run in runs if key in run.config}.values(),
+                        key=_order)
+        numeric = all(_order(value)[0] == 0 for value in values)
+        position = {repr(v): (float(v) if numeric else i) for i, v in enumerate(values)}
+        others = [other for other in keys if other not in (key, SEED)]
+        figure, axes = _figure(len(tags))
+        for color, (_, group) in enumerate(_groups([r for r in runs if key in r.config], others).items()):
+            for kind, style in (("final", "-o"), ("best", "--s")):
+                _sweep_line(axes, group, key, position, tags, kind, style, f"C{color % 10}",
+                            f"{kind} {label(group[0], others) if others else ''}".strip())
+        for ax, tag in zip(axes, tags):
+            ax.set(xlabel=key, ylabel=tag, title=f"{tag} against {key}")
+            if numeric and log_scale(key, [float(v) for v in values]):
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
+            if not numeric:
+                ax.set_xticks(range(len(values)), [str(v) for v in values])
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize="small")
+        figures[key] = _save(figure, out / "sweep" / f"{key}.png")
+    return figures
+
+
+def _sweep_line(axes, group: list[Run], key: str, position: dict, tags: Sequence[str], kind: str, style: str,
+                color: str, name: str) -> None:
+    by_value = _groups(group, [key])
+    x = [position[value] for (value,) in by_value]
+    for ax, tag in zip(axes, tags):
+        stats = [[metric(run, tag, kind) for run in seeds] for seeds in by_value.values()]
+        stats = [[v for v in values if v is not None and math.isfinite(v)] for values in stats]
+        points = [(xi, np.mean(v), np.min(v), np.max(v)) for xi, v in zip(x, stats) if v]
+        points.sort()
+        if points:
+            px, mean, low, high = map(np.array, zip(*points))
+            ax.errorbar(px, mean, yerr=[mean - low, high - mean], fmt=style, color=color, label=name, capsize=3)
+
+
+def plot_seeds(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], out: Path) -> dict[str, Path]:
+    """Per metric, the mean and range of the curves of runs that differ only in trainer.seed."""
+    others = [key for key in keys if key != SEED]
+    groups = [group for group in _groups(runs, others).values() if len(group) > 1]
+    figures = {}
+    for tag in tags:
+        figure, (ax,) = _figure(1)
+        for color, group in enumerate(groups):
+            curves = [{p.step: p.value for p in run.curves.get(tag, [])} for run in group]
+            steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+            if not steps:
+                continue
+            values = np.array([[curve[step] for step in steps] for curve in curves])
+            name = f"{label(group[0], others) if others else 'all runs'} ({len(group)} seeds)"
+            ax.plot(steps, values.mean(axis=0), color=f"C{color % 10}", label=name)
+            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=f"C{color % 10}", alpha=0.2)
+        ax.set(xlabel="step", ylabel=tag, title=f"{tag}: mean and range over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        figures[tag] = _save(figure, out / "seeds" / f"{tag}.png")
+    return figures
+
+
+def plot_lr_find(runs: Sequence[Run], keys: Sequence[str], out: Path) -> Path:
+    figure, (ax,) = _figure(1)
+    for color, run in enumerate(runs):
+        curve = run.lr_find
+        ax.plot(curve["lr"], curve["loss"], color=f"C{color % 10}", alpha=0.3, linewidth=0.8)
+        ax.plot(curve["lr"], curve["smoothed_loss"], color=f"C{color % 10}", label=label(run, keys))
+    finite = [v for run in runs for v in run.lr_find["smoothed_loss"] if math.isfinite(v)]
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="global batch loss (faint: unsmoothed)",
+           title="LR range tests")
+    if finite:  # a diverged loss can reach 1e30; the curves up to the stops are what matter
+        ax.set_ylim(top=2 * max(finite))
+    ax.legend(fontsize="small")
+    return _save(figure, out / "lr_find.png")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+
+
+def _links(figures: dict[str, Path], out: Path) -> list[str]:
+    return [f"- [{name}]({os.path.relpath(path, out)})" for name, path in figures.items()]
+
+
+def write_markdown(runs: Sequence[Run], keys: Sequence[str], figures: dict[str, dict[str, Path]],
+                   lr_find: tuple[list[Run], list[str]], out: Path) -> Path:
+    tags = metric_tags(runs)
+    lines = ["# Report", "", f"{len(runs)} training run(s); swept: {', '.join(keys) or 'nothing'} "
+             "(the keys whose values differ between the runs). Best: lowest loss, highest accuracy.", ""]
+    if runs:
+        rows = [[run.config.get(key) for key in keys] + list(summary(run, tags).values())
+                + [f"[{run.name}]({os.path.relpath(run.path, out)})"] for run in runs]
+        lines += table([*keys, *summary(runs[0], tags).keys(), "run"], rows) + [""]
+    titles = {"curves": "Curves", "sweep": "Against each swept key", "seeds": "Mean and range over seeds"}
+    for kind, title in titles.items():
+        if figures.get(kind):
+            lines += [f"## {title}", ""] + _links(figures[kind], out) + [""]
+    gns = {tag: path for tag, path in figures.get("curves", {}).items() if tag.startswith("gns/")}
+    if gns:
+        lines += ["## Gradient noise scale", ""] + _links(gns, out) + [""]
+    lr_runs, lr_keys = lr_find
+    if lr_runs:
+        rows = [[run.config.get(key) for key in lr_keys] + _lr_find_summary(run)
+                + [f"[{run.name}]({os.path.relpath(run.path, out)})"] for run in lr_runs]
+        lines += ["## LR range tests", ""] + table(
+            [*lr_keys, "updates", "lowest smoothed loss", "at lr", "last lr", "run"], rows)
+        lines += ["", f"![LR range tests]({os.path.relpath(figures['lr_find']['lr_find'], out)})", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def _lr_find_summary(run: Run) -> list[object]:
+    smoothed = [v if math.isfinite(v) else math.inf for v in run.lr_find["smoothed_loss"]]
+    lowest = int(np.argmin(smoothed)) if smoothed else None
+    if lowest is None:
+        return [0, None, None, None]
+    return [len(smoothed), smoothed[lowest], run.lr_find["lr"][lowest], run.lr_find["lr"][-1]]
+
+
+def report(paths: Sequence[Path], out: Path) -> Path:
+    """Read the runs under ``paths`` and write the CSV, figures and report.md into ``out``."""
+    runs = find_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(runs, out / "scalars.csv")
+    training = [run for run in runs if run.curves]
+    keys = differing_keys(training, RESULT_NEUTRAL_KEYS + LR_FIND_KEYS)
+    training.sort(key=lambda run: ([_order(run.config.get(key)) for key in keys], run.name))
+    lr_runs = [run for run in runs if run.lr_find is not None]
+    lr_keys = differing_keys(lr_runs, RESULT_NEUTRAL_KEYS)
+    figures_dir = out / "figures"
+    figures: dict[str, dict[str, Path]] = {"curves": plot_curves(training, keys, SampleAxes(training), figures_dir)}
+    if keys and metric_tags(training):
+        figures["sweep"] = plot_sweep(training, keys, metric_tags(training), figures_dir)
+    if SEED in keys:
+        figures["seeds"] = plot_seeds(training, keys, metric_tags(training), figures_dir)
+    if lr_runs:
+        figures["lr_find"] = {"lr_find": plot_lr_find(lr_runs, lr_keys, figures_dir)}
+    return write_markdown(training, keys, figures, (lr_runs, lr_keys), out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script ``distsgd-report`` and ``python -m distsgd.report``."""
+    parser = argparse.ArgumentParser(prog="distsgd-report", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders and/or multirun folders")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: <first PATH>/report)")
+    args = parser.parse_args(argv)
+    try:
+        written = report(args.paths, args.out or args.paths[0] / "report")
+    except ConfigError as err:
+        print(f"distsgd-report: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"report: {written}")
+
+
+if __name__ == "__main__":
+    main()

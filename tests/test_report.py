@@ -1,0 +1,187 @@
+"""distsgd-report on a real study, and the HParams entry of a sweep's runs.
+
+The study: a Hydra multirun over batch size and seed, a run resumed (with another learning rate)
+from a checkpoint before its end, and an LR range test; one report over all three folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONF, REPO, make_config, read_scalars, subprocess_env
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from distsgd import lr_find
+from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
+from distsgd.metrics import hparams_entry
+from distsgd.report import SampleAxes, find_runs, log_scale, main
+from distsgd.train import run
+
+COMMON = ["data.num_samples=256", "model.width=8", "trainer.max_steps=8", "trainer.log_every=2",
+          "trainer.val_every=4", "trainer.device=cpu"]
+# Jobs as named by their overrides, trainer.log_every, trainer.val_every and trainer.device left out.
+JOBS = {(batch, seed): f"data.global_batch_size={batch},data.num_samples=256,model.width=8,trainer.max_steps=8,"
+        f"trainer.seed={seed}" for batch in (32, 64) for seed in (0, 1)}
+RESUMED_AT = 5  # between the validations at 4 and 8: the best value so far lies before the resume
+SWEPT = ["data.global_batch_size", "optim.lr", "trainer.seed"]  # in the config's order
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    done = subprocess.run(
+        [sys.executable, "-m", "distsgd.train", "-m", "data.global_batch_size=32,64", "trainer.seed=0,1",
+         f"hydra.sweep.dir={root / 'sweep'}", *COMMON],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = root / "resumed"
+    run(make_config(*COMMON, "optim.lr=0.05", f"trainer.checkpoint_every={RESUMED_AT}"), resumed)
+    # Resumed after its end from an earlier checkpoint, at a rate that makes the later values worse.
+    run(make_config(*COMMON, "optim.lr=5", "trainer.resume_override=true",
+                    f"trainer.resume={resumed / 'checkpoints' / f'step_{RESUMED_AT:08d}.pt'}"), resumed)
+    lr_find.run(make_config(*COMMON, "lr_find.steps=20"), root / "lr_find")
+    main([str(root / "sweep"), str(resumed), str(root / "lr_find"), "--out", str(root / "report")])
+    return root
+
+
+def csv_rows(study: Path) -> list[dict]:
+    with (study / "report" / "scalars.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_sweep_jobs_are_named_by_what_they_vary(study):
+    assert sorted(p.name for p in (study / "sweep").iterdir()) == sorted(JOBS.values()) + ["multirun.yaml"]
+
+
+def test_the_csv_holds_exactly_the_logged_points_with_each_runs_overrides(study):
+    rows = csv_rows(study)
+    runs = {f"sweep/{name}": study / "sweep" / name for name in JOBS.values()} | {"resumed": study / "resumed"}
+    for name, run_dir in runs.items():
+        written: dict[str, list] = {}
+        for row in rows:
+            if row["run"] == name:
+                written.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
+        assert written == read_scalars(run_dir), name
+    job = next(row for row in rows if row["run"] == f"sweep/{JOBS[32, 1]}")
+    assert (job["data.global_batch_size"], job["trainer.seed"], job["trainer.device"]) == ("32", "1", "cpu")
+    # A run started from Python has no .hydra/overrides.yaml: its override columns are empty.
+    resumed = next(row for row in rows if row["run"] == "resumed")
+    assert {resumed[key] for key in ("data.global_batch_size", "trainer.seed", "trainer.device")} == {""}
+    lr_rows = [row for row in rows if row["run"] == "lr_find" and row["tag"] == "lr_find/lr"]
+    assert [int(row["step"]) for row in lr_rows] == list(range(20))
+
+
+def test_a_resumed_run_counts_each_step_once_with_the_resumed_values(study):
+    lr = [(int(row["step"]), float(row["value"])) for row in csv_rows(study)
+          if row["run"] == "resumed" and row["tag"] == "train/lr"]
+    # Logged every 2 steps and at the last; the first run's points from step 5 on were purged.
+    assert lr == [(0, pytest.approx(0.05)), (2, pytest.approx(0.05)), (4, pytest.approx(0.05)), (6, 5.0), (7, 5.0)]
+
+
+def test_the_best_validation_values_span_the_resume(study):
+    curves = read_scalars(study / "resumed")
+    losses = {step: value for step, value in curves["val/loss"]}
+    best_step = min(losses, key=losses.get)
+    assert best_step < RESUMED_AT, "the setup no longer puts the best value before the resume"
+    assert curves["val/best_loss"][-1] == (8, losses[best_step])
+    accuracies = [value for _, value in curves["val/accuracy"]]
+    assert curves["val/best_accuracy"][-1][1] == max(accuracies)
+
+
+def test_the_table_leads_with_the_swept_keys(study):
+    lines = (study / "report" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| "))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns[:4] == SWEPT + ["final val/loss"]
+    assert columns[-4:] == ["steps", "wall time (s)", "skipped steps", "run"]
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
+    assert len(rows) == 5  # the four jobs and the resumed run; the LR range test has a table of its own
+    resumed = next(row for row in rows if "(../resumed)" in row)
+    assert [cell.strip() for cell in resumed.strip("|").split("|")][:3] == ["64", "5", "0"]
+
+
+def test_the_figures_are_pngs_and_the_report_links_each_one(study):
+    out = study / "report"
+    figures = sorted(out.rglob("*.png"))
+    names = {str(path.relative_to(out / "figures")) for path in figures}
+    # Batch sizes differ: each curve figure has step, samples and epoch panels.
+    assert {"curves/train/loss.png", "curves/val/best_loss.png", "sweep/data.global_batch_size.png",
+            "sweep/optim.lr.png", "seeds/val/loss.png", "lr_find.png"} <= names
+    # The runs differ in batch size: a curve is drawn against step, samples seen and epochs.
+    assert png_width(out / "figures/curves/train/loss.png") == 3 * png_width(out / "figures/seeds/val/loss.png")
+    report = (out / "report.md").read_text()
+    for path in figures:
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, path
+        assert f"({path.relative_to(out)})" in report, path
+
+
+def png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR, the first chunk
+
+
+def test_samples_seen_and_epochs_follow_each_runs_batch_size(study):
+    runs = {run.config["data.global_batch_size"]: run for run in find_runs([study / "sweep"])}
+    axes = SampleAxes(list(runs.values()))
+    steps = np.array([0.0, 4.0])
+    assert axes.wanted
+    # 256 samples, 51 of them for validation: 205 training samples.
+    assert axes.samples(runs[32], steps).tolist() == [0, 128]
+    assert axes.epochs(runs[64], steps).tolist() == [0, 256 / 205]
+
+
+def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
+    events = EventAccumulator(str(study / "sweep" / JOBS[32, 1] / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    names = [info.name for info in experiment.hparam_infos]
+    # TensorBoard shows the keys marked as differing first.
+    assert names[:2] == ["data.global_batch_size", "trainer.seed"]
+    assert [info.differs for info in experiment.hparam_infos] == [True, True] + [False] * (len(names) - 2)
+    assert not [name for name in names if key_in(name, RESULT_NEUTRAL_KEYS) or name.startswith("lr_find.")]
+    assert {"trainer.max_steps", "optim.lr", "model.width"} <= set(names)
+    assert {"val/best_loss", "val/best_accuracy", "val/loss"} <= {info.name.tag for info in experiment.metric_infos}
+    hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert (hparams["data.global_batch_size"].number_value, hparams["trainer.seed"].number_value) == (32, 1)
+
+
+def test_the_hparams_entry_leads_with_varied_keys_even_those_that_cannot_change_a_result():
+    config = {"data.in_memory": True, "optim.name": "sgd", "optim.lr": 0.1, "trainer.device": "cpu",
+              "trainer.compile": False, "lr_find.steps": 100, "diagnostics.layers": False}
+    # A swept config group stands for its name.
+    entry, leading = hparams_entry(config, ["trainer.compile", "optim"])
+    assert list(entry) == ["trainer.compile", "optim.name", "optim.lr"]
+    assert leading == ["trainer.compile", "optim.name"]
+
+
+def test_a_single_run_varies_what_its_command_line_sets_that_can_change_its_result(monkeypatch):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["optim=adam", "trainer.device=cpu", "optim.lr=0.01", "trainer.log_every=5"],
+                      return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.masked_copy(cfg, "hydra"))
+    assert varied_keys() == ["optim", "optim.lr"]
+
+
+def test_log_axes_for_learning_rates_and_wide_ranges():
+    assert log_scale("optim.lr", [0.05, 0.1]) and log_scale("lr_find.max_lr", [1.0, 10.0])
+    assert log_scale("data.global_batch_size", [32, 4096]) and not log_scale("data.global_batch_size", [32, 256])
+    assert not log_scale("optim.momentum", [0.0, 0.9])
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"distsgd-report: error: no runs under {tmp_path}: a run folder holds "
+                                       "tensorboard/ or lr_find.csv\n")
