@@ -173,6 +173,12 @@ class TrainStep:
         if self.noise is not None and "noise_scale" in state:
             self.noise.load_state_dict(state["noise_scale"])
 
+    def restore(self, progress: dict) -> None:
+        """What a checkpoint kept of the step (resume.restore's ``progress``): the instruments'
+        state and this rank's communication-hook state."""
+        self.load_state_dict(progress.get("diagnostics", {}))
+        self.comm.load_rank_state(progress.get("comm"), progress["step"])
+
     def _backward(self, x: torch.Tensor, y: torch.Tensor, stop: bool) -> None:
         accumulate = self.tc.accumulate
         if self.noise is not None:

@@ -115,15 +115,13 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
     loss_fn = models.loss_fn(dataset.task)
     train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, plan.batches.global_batch)
-    train_step.load_state_dict(progress.get("diagnostics", {}))
-    train_step.comm.load_rank_state(progress.get("comm"), progress["step"])
+    train_step.restore(progress)
     if tc.comm_hook != "none":
         log.info("%s", train_step.comm.describe())
     running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None,
                                  averaged=train_step.comm.averaged)
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
-
     best = BestValues(progress.get("best"))
 
     def validation(step: int) -> dict[str, float]:
