@@ -9,16 +9,15 @@ that runs on different layouts differ only by the order of float32 sums.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import assert_params_close, final_params, launch, make_config, read_scalars
+from test_models import assert_converted_like_batchnorm
 from torch import nn
 
-from distsgd import batchnorm, checkpoint, models
-from distsgd.config import ModelConfig, OptimConfig
+from distsgd import checkpoint
+from distsgd.config import OptimConfig
 from distsgd.optim import build_optimizer
 from distsgd.train import run
 
@@ -77,26 +76,7 @@ def test_nccl_on_two_gpus_ddp_and_manual_equal_one_gpu(tmp_path):
 
 
 def test_sync_bn_on_cuda_is_torchs_syncbatchnorm_and_steps_like_batchnorm_on_one_rank():
-    torch.manual_seed(0)
-    net = models.build(ModelConfig(name="resnet", depth=20), (3, 32, 32), 10, "classification")
-    reference = copy.deepcopy(net).cuda()
-    synced = batchnorm.convert_sync_bn(net, torch.device("cuda")).cuda()
-    kinds = {type(m) for m in synced.modules()}
-    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
-    assert set(synced.state_dict()) == set(reference.state_dict())  # checkpoints load into either form
-    x = torch.randn(8, 3, 32, 32, device="cuda")
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    try:
-        out, expected = synced(x), reference(x)
-        out.square().sum().backward()
-        expected.square().sum().backward()
-    finally:
-        dist.destroy_process_group()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(synced.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, a), b in zip(synced.named_buffers(), reference.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert_converted_like_batchnorm(torch.device("cuda", 0), "nccl", nn.SyncBatchNorm, batch=8, out_rtol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -81,29 +81,38 @@ def test_has_batchnorm():
     assert not batchnorm.has_batchnorm(_build((16,), name="mlp"))
 
 
-def test_convert_sync_bn_on_cpu_keeps_keys_and_equals_batchnorm_on_one_rank():
-    net = _build((3, 32, 32), name="resnet", depth=20)
+def assert_converted_like_batchnorm(device: torch.device, backend: str, kind: type, batch: int,
+                                    out_rtol: float = 1e-5) -> None:
+    """convert_sync_bn on ``device`` gives layers of ``kind`` under the same state_dict keys, and on
+    one rank the outputs, gradients and running statistics of plain BatchNorm (test_cuda uses it too)."""
+    torch.manual_seed(0)
+    net = models.build(ModelConfig(name="resnet", depth=20), (3, 32, 32), 10, "classification").to(device)
     reference = copy.deepcopy(net)
-    synced = batchnorm.convert_sync_bn(net, torch.device("cpu"))
+    synced = batchnorm.convert_sync_bn(net, device).to(device)
     kinds = {type(m) for m in synced.modules()}
-    assert batchnorm.GlobalBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    assert kind in kinds and nn.BatchNorm2d not in kinds
     assert batchnorm.has_batchnorm(synced)
     assert set(synced.state_dict()) == set(reference.state_dict())  # checkpoints load into either form
-    x = torch.randn(BATCH, 3, 32, 32)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            **({"device_id": device} if device.type == "cuda" else {}))
     try:
         out, expected = synced(x), reference(x)
         out.square().sum().backward()
         expected.square().sum().backward()
     finally:
         dist.destroy_process_group()
-    assert torch.allclose(out, expected, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=out_rtol, atol=1e-5)
     for (name, a), b in zip(synced.named_parameters(), reference.parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, a), b in zip(synced.named_buffers(), reference.buffers()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
     synced.eval(), reference.eval()
-    assert torch.allclose(synced(x), reference(x), atol=1e-5)
+    torch.testing.assert_close(synced(x), reference(x), rtol=out_rtol, atol=1e-5)
+
+
+def test_convert_sync_bn_on_cpu_keeps_keys_and_equals_batchnorm_on_one_rank():
+    assert_converted_like_batchnorm(torch.device("cpu"), "gloo", batchnorm.GlobalBatchNorm, BATCH)
 
 
 def test_cnn_sgd_reduces_loss():
