@@ -109,9 +109,10 @@ class Sweep:
 
 def sweep(config: Config, dataset: data.Dataset, dist: Dist) -> Sweep:
     """The range test on a joined process group; every rank returns the same Sweep."""
-    global_batch, seed = config.data.global_batch_size, config.trainer.seed
-    batch = data.local_batch_size(global_batch, dist.world_size, config.trainer.accumulate)
-    steps_per_epoch = data.steps_per_epoch(len(dataset.x_train), global_batch)
+    # The first phase's batch (data.batch_milestones would grow it later in training), checked as training does.
+    plan = train.Plan.of(config, len(dataset.x_train), dist.world_size)
+    global_batch, seed = plan.batches.global_batch, config.trainer.seed
+    batch, steps_per_epoch = plan.local_batch(0), plan.batches.steps_in(0)
     lrs = rates(config.lr_find)
     log.info("lr_find: world size %d; global batch %d, %d samples per rank and step; up to %d updates at lr "
              "%.3g to %.3g, x%.4g per update", dist.world_size, global_batch, batch, len(lrs), lrs[0], lrs[-1],

@@ -93,8 +93,10 @@ class TrainStep:
         # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
         # DDP's forward is active while the inner module compiles, so its graph is still split at
         # DDP's bucket boundaries (DDPOptimizer).
-        carried = 1 if self.noise is not None and dist.world_size > 1 else 0
-        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device, carried)
+        # Several ranks: the noise scale's measurement rides in the next step's stats all-reduce.
+        self.carries = self.noise is not None and dist.world_size > 1
+        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device,
+                                              carried=int(self.carries))
         self.buckets = None
         self.comm = comm.build(tc, diagnostics, self.params, optimizer, scaler)
         if tc.allreduce == "ddp":
@@ -154,7 +156,7 @@ class TrainStep:
 
     def _noise_read(self) -> tuple[torch.Tensor, ...]:
         # Several ranks: the previous step's mean arrives carried in stats (no tensor to add here).
-        return (self.noise.local,) if self.noise is not None and self.world_size == 1 else ()
+        return (self.noise.local,) if self.noise is not None and not self.carries else ()
 
     def settle(self) -> None:
         """Fold in what is still being carried (a collective: on every rank, before a save)."""
@@ -191,7 +193,7 @@ class TrainStep:
             sync = i == accumulate - 1 or self.buckets is not None
             with (nullcontext() if sync else self.net.no_sync()), self.autocast:
                 micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
-            carried = self.noise.carried(first=i == 0) if self.stats.stats.numel() > 2 else ()
+            carried = self.noise.carried(first=i == 0) if self.carries else ()
             (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop, *carried)).backward()
             if self.noise is not None:
                 self.noise.micro_batch(self._grads())
