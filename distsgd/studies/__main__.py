@@ -1,0 +1,3 @@
+from distsgd.studies import main
+
+main()

@@ -1,0 +1,141 @@
+"""What every study needs: train runs as distsgd-train would, read their curves, draw figures and
+state an outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from distsgd import train as trainer
+from distsgd.config import CONF_DIR
+from distsgd.metrics import read_scalars
+from distsgd.stopping import Stopped
+
+log = logging.getLogger("distsgd.studies")
+
+
+@dataclass
+class Result:
+    """One finished (or diverged) training run."""
+
+    name: str
+    path: Path
+    overrides: list[str]
+    final: dict[str, float]  # the metrics train.run returned; empty when it diverged
+    diverged: str | None  # the stop message when the run stopped on non-finite values
+    seconds: float
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # tag -> (steps, values)
+
+    def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.curves.get(tag, (np.zeros(0, dtype=int), np.zeros(0)))
+
+
+def command(run_dir: Path, overrides: Sequence[str]) -> str:
+    """The distsgd-train command line that trains the same run."""
+    return shlex.join(["distsgd-train", f"hydra.run.dir={run_dir}", *overrides])
+
+
+def train(out: Path, name: str, overrides: Sequence[str]) -> Result:
+    """Train ``overrides`` (Hydra overrides of the shipped config) into ``out/runs/<name>``, as
+    ``distsgd-train`` would, and record the equivalent command in ``out/commands.sh``. A run that
+    stops on non-finite values is a result (it diverged), not an error."""
+    run_dir = out / "runs" / name
+    overrides = list(overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    # What Hydra would keep, so that distsgd-report reads the run's config and overrides.
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    with (out / "commands.sh").open("a") as f:
+        f.write(command(run_dir, overrides) + "\n")
+    started = time.perf_counter()
+    final, diverged = {}, None
+    try:
+        final = trainer.run(cfg, run_dir)
+    except Stopped as stop:
+        diverged = str(stop)
+    curves = {tag: (np.array([e.step for e in events]), np.array([e.value for e in events]))
+              for tag, events in read_scalars(run_dir / "tensorboard").items()}
+    result = Result(name, run_dir, overrides, final, diverged, time.perf_counter() - started, curves)
+    shown = {key: value for key, value in sorted(final.items()) if key.startswith("val/") or key == "train/loss"}
+    log.warning("%s: %s (%.1f s)", name, "diverged" if diverged else
+                ", ".join(f"{key} {value:.4g}" for key, value in shown.items()), result.seconds)
+    return result
+
+
+def train_all(out: Path, runs: dict[str, Sequence[str]], workers: int = 1) -> dict[str, Result]:
+    """``train`` for each named run; with ``workers`` > 1 that many at a time, each in its own
+    process with one thread (the runs are independent, and the results the same either way)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if workers <= 1:
+        return {name: train(out, name, overrides) for name, overrides in runs.items()}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_setup) as pool:
+        futures = {name: pool.submit(train, out, name, overrides) for name, overrides in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _worker_setup() -> None:
+    torch.set_num_threads(1)
+    quiet()
+
+
+def quiet() -> None:
+    """Only each run's one summary line (and warnings) on the console."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("distsgd").setLevel(logging.WARNING)
+
+
+def first_step_at_or_below(steps: np.ndarray, values: np.ndarray, target: float) -> float:
+    """The first logged step whose value is <= target; inf when none is."""
+    hits = np.flatnonzero(values <= target)
+    return float(steps[hits[0]]) if len(hits) else math.inf
+
+
+def figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6):
+    """A matplotlib figure (no display needed) and its axes, one panel per (row, column)."""
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+@dataclass
+class Outcome:
+    """What a study found: its one-paragraph verdict (Markdown), whether the claim held at our
+    scale, the numbers behind it and the figures that show it."""
+
+    title: str
+    verdict: str
+    holds: bool
+    numbers: dict = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+
+    def write(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "numbers.json").write_text(json.dumps(self.numbers, indent=2, default=float) + "\n")
+        lines = [f"# {self.title}", "", self.verdict, "",
+                 f"Claim {'holds' if self.holds else 'does not hold'} at this scale.", ""]
+        lines += [f"![{path.stem}]({path.relative_to(out) if path.is_relative_to(out) else path})"
+                  for path in self.figures]
+        (out / "verdict.md").write_text("\n".join(lines) + "\n")
