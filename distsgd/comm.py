@@ -169,7 +169,10 @@ class PowerSGD(Communication):
     bucket in registration order, later steps in buckets ordered as the gradients became ready.
     So checkpoints hold the state per parameter, and whenever a bucket index comes with other
     parameters than the state was built for (after a resume), the state is split per parameter
-    into a pool and rebuilt for each bucket as it comes.
+    into a pool and rebuilt for each bucket as it comes. For the same reason the random Qs that
+    start the power iteration (at the first compressed step, and again after a non-finite one) are
+    drawn here, per parameter in the model's order, rather than by torch per bucket: whatever the
+    buckets are then, a resumed run draws the same Qs as an uninterrupted one.
     """
 
     def __init__(self, tc: TrainerConfig, params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> None:
@@ -203,7 +206,9 @@ class PowerSGD(Communication):
         layout = tuple(self.index[id(p)] for p in bucket.parameters())
         if self.layouts.get(bucket.index(), layout) != layout:
             self._pool_all()
-        if bucket.index() not in self.layouts:
+        if state.iter >= state.start_powerSGD_iter and not self.pool["q"] and not state.q_memory_dict:
+            self._draw_qs()
+        if bucket.index() not in self.layouts or (self.pool["q"] and bucket.index() not in state.q_memory_dict):
             self._unpool(bucket.index(), layout)
             self.layouts[bucket.index()] = layout
         return powerSGD_hook.powerSGD_hook(state, bucket)
@@ -216,6 +221,15 @@ class PowerSGD(Communication):
             if self.matrices[i].rank:
                 groups.setdefault((self.matrices[i].rows, self.matrices[i].cols), []).append(i)
         return [i for group in groups.values() for i in group]
+
+    def _draw_qs(self) -> None:
+        """Random Qs for every compressed parameter into the pool, from torch's generator of them
+        (one draw per start, as torch takes one per bucket; the same on every rank)."""
+        generator = torch.Generator().manual_seed(int(self.state.rng.randint(1_000_000_000)))
+        device = self.params[0].device
+        for i, matrix in enumerate(self.matrices):
+            if matrix.rank:
+                self.pool["q"][i] = torch.randn(matrix.cols * matrix.rank, generator=generator).to(device)
 
     def _by_parameter(self) -> dict[str, dict[int, torch.Tensor]]:
         """The state held now (pool included) per parameter: views, no copies."""
@@ -252,7 +266,7 @@ class PowerSGD(Communication):
             # The errors and Qs now hold the non-finite values and would spread them to every later
             # step: drop them, on every rank alike; torch starts afresh (zero errors, random Qs).
             for held in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict,
-                         self.pool["error"], self.pool["q"]):
+                         self.pool["error"], self.pool["q"], self.layouts):
                 held.clear()
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()

@@ -2,7 +2,7 @@
 exact resumes, and the refusals.
 
 Two processes are spawned once and train every run in-process (``train.train``, as
-test_combinations does); a run with ``interrupted_at`` K is then resumed in a fresh directory
+test_combinations does); a run is then resumed from each of its steps K in a fresh directory
 holding its checkpoints up to K, as a run killed right after saving step K leaves it.
 """
 
@@ -42,33 +42,35 @@ def hourglass(*args, **kwargs) -> torch.nn.Module:
     widths = (32, 32, 16, 32, 32)
     layers = [module for a, b in zip(widths, widths[1:]) for module in (torch.nn.Linear(a, b), torch.nn.Tanh())]
     return torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
-# name: (overrides, step K to resume from or None, torch's PowerSGD min_compression_rate)
-RUNS: dict[str, tuple[list[str], int | None, float]] = {
-    "none": (["trainer.checkpoint_every=2"], None, comm.MIN_COMPRESSION_RATE),
-    "fp16": (["trainer.comm_hook=fp16", "trainer.checkpoint_every=3"], 3, comm.MIN_COMPRESSION_RATE),
+# name: (overrides, the steps K to resume from, torch's PowerSGD min_compression_rate)
+RUNS: dict[str, tuple[list[str], tuple[int, ...], float]] = {
+    "none": (["trainer.checkpoint_every=2"], (), comm.MIN_COMPRESSION_RATE),
+    "fp16": (["trainer.comm_hook=fp16", "trainer.checkpoint_every=3"], (3,), comm.MIN_COMPRESSION_RATE),
     # H=1 after 2 synchronous steps: the step-2 checkpoint is none's, bitwise.
     "local_sgd_h1": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=1", "trainer.local_sgd_warmup_steps=2",
-                      "trainer.checkpoint_every=2"], None, comm.MIN_COMPRESSION_RATE),
+                      "trainer.checkpoint_every=2"], (), comm.MIN_COMPRESSION_RATE),
     # Averaged after updates 1, 3 and 5: at step 3 the ranks' parameters and momenta differ.
     "local_sgd_h2": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2", "trainer.local_sgd_warmup_steps=1",
-                      "trainer.checkpoint_every=3"], 3, comm.MIN_COMPRESSION_RATE),
+                      "trainer.checkpoint_every=3"], (3,), comm.MIN_COMPRESSION_RATE),
     # The same, validated and saved only at the end: validation and checkpoints see the average of
     # the ranks' parameters, yet training goes on from each rank's own, so the result is the same.
     "local_sgd_h2_quiet": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2",
                             "trainer.local_sgd_warmup_steps=1", "trainer.val_every=100"],
-                           None, comm.MIN_COMPRESSION_RATE),
+                           (), comm.MIN_COMPRESSION_RATE),
     # Every matrix compressed (min_compression_rate 0) at the rank of its smaller side.
     "powersgd_full": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=32", "trainer.powersgd_warmup_steps=2"],
-                      None, 0.0),
-    # Compressed from step 2: the step-4 checkpoint holds two steps' error feedback and Qs.
+                      (), 0.0),
+    # Compressed from step 2: the step-4 checkpoint holds two steps' error feedback and Qs; the
+    # step-2 one none, and the resumed DDP's first buckets differ from those that drew the first Qs.
     "powersgd_r1": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=1", "trainer.powersgd_warmup_steps=2",
-                     "trainer.checkpoint_every=4"], 4, comm.MIN_COMPRESSION_RATE),
+                     "trainer.checkpoint_every=2"], (2, 4), comm.MIN_COMPRESSION_RATE),
     # A NaN feature in one sample of rank 0's batch at step 3 (nan_data): that step is skipped on
-    # both ranks, and the following steps must not inherit the NaN (PowerSGD's error feedback).
+    # both ranks, and the following steps must not inherit the NaN (PowerSGD's error feedback):
+    # the step after it starts afresh, also when a resume starts there.
     "powersgd_nan": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=1", "trainer.powersgd_warmup_steps=2",
-                      "data=npz", "data.path={nan_data}"], None, comm.MIN_COMPRESSION_RATE),
+                      "data=npz", "data.path={nan_data}", "trainer.checkpoint_every=4"], (4,), comm.MIN_COMPRESSION_RATE),
     "local_sgd_nan": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2", "data=npz",
-                       "data.path={nan_data}"], None, comm.MIN_COMPRESSION_RATE),
+                       "data.path={nan_data}"], (), comm.MIN_COMPRESSION_RATE),
 }
 NAN_AT = 3
 
@@ -86,7 +88,7 @@ def run_all(rank: int, root: Path) -> None:
     try:
         with open(root / f"rank{rank}.stderr", "w") as stderr, contextlib.redirect_stderr(stderr):
             datasets = {}
-            for name, (overrides, interrupted_at, min_rate) in RUNS.items():
+            for name, (overrides, resume_steps, min_rate) in RUNS.items():
                 config = to_config(make_config(*COMMON, *(o.format(nan_data=root / "nan.npz") for o in overrides)))
                 if config.data.name not in datasets:
                     datasets[config.data.name] = data.load(config.data).place(dist.device, True, 0)
@@ -95,11 +97,11 @@ def run_all(rank: int, root: Path) -> None:
                 results[name] = {"uninterrupted": train_in(config, dataset, dist, root / name / "uninterrupted")}
                 if name.startswith("powersgd"):
                     results[name]["torch_compression"] = built[-1].state.compression_stats()[0]
-                if interrupted_at is not None:
+                for k in resume_steps:
                     if dist.is_main:
-                        interrupted_after(root / name / "uninterrupted", interrupted_at, root / name / "resumed")
+                        interrupted_after(root / name / "uninterrupted", k, root / name / f"resumed_{k}")
                     torch.distributed.barrier()
-                    results[name]["resumed"] = train_in(config, dataset, dist, root / name / "resumed")
+                    results[name][f"resumed_{k}"] = train_in(config, dataset, dist, root / name / f"resumed_{k}")
     finally:
         torch.distributed.destroy_process_group()
     (root / f"results{rank}.json").write_text(json.dumps(results))
@@ -177,12 +179,13 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_leaves_no_trace(runs, nam
         assert all(torch.isfinite(t).all() for rank in saved["comm"] for t in rank["powersgd"]["error"].values())
 
 
-@pytest.mark.parametrize("name", [name for name, (_, k, _) in RUNS.items() if k is not None])
-def test_resume_is_exact(runs, name):
+@pytest.mark.parametrize(("name", "step"), [(name, k) for name, (_, steps, _) in RUNS.items() for k in steps])
+def test_resume_is_exact(runs, name, step):
     root, results = runs
-    assert_bitwise_equal(checkpoint(root, name, run="resumed"), checkpoint(root, name), f"{name}: last.pt")
+    resumed = f"resumed_{step}"
+    assert_bitwise_equal(checkpoint(root, name, run=resumed), checkpoint(root, name), f"{name} from {step}: last.pt")
     timing = "train/samples_per_sec"
-    assert_same_values({k: v for k, v in results[name]["resumed"].items() if k != timing},
+    assert_same_values({k: v for k, v in results[name][resumed].items() if k != timing},
                        {k: v for k, v in results[name]["uninterrupted"].items() if k != timing}, name)
 
 
