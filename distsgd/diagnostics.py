@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from distsgd.config import ConfigError, DiagnosticsConfig
 
@@ -56,12 +55,13 @@ class NoiseScale:
         self.ema = {"grad_sq": 0.0, "trace_cov": 0.0, "weight": 0.0}
         self.last = {"small_sq": math.nan, "big_sq": math.nan}
 
-    # -- measuring: micro_batch() after every micro-batch on one process; rank_gradient() (manual
-    #    engine) or hook() (DDP) with the rank's gradient before it is averaged, on several.
+    # -- measuring: micro_batch() after every micro-batch on one process; on several, the rank's
+    #    gradient before it is averaged, by rank_gradient() (manual engine) or watch() (DDP).
 
     def start_step(self) -> None:
         self.local.zero_()
         self.previous = None
+        self.measuring = False
 
     def micro_batch(self, grads: list[torch.Tensor]) -> None:
         """On one process: the micro-batch's own gradient is what it added to the accumulated one."""
@@ -80,14 +80,22 @@ class NoiseScale:
         if self.world_size > 1:
             self.local += squared_norm(grads)
 
-    def hook(self, exclude: torch.Tensor):
-        """A DDP communication hook: this bucket's share of the rank's squared norm, then torch's
-        own all-reduce (the average, exactly as without a hook). ``exclude`` is not measured."""
-        def measure_then_allreduce(process_group, bucket):
-            grads = [g for g, p in zip(bucket.gradients(), bucket.parameters()) if p is not exclude]
-            self.rank_gradient(grads)
-            return default_hooks.allreduce_hook(process_group, bucket)
-        return measure_then_allreduce
+    def watch(self, params: list[torch.nn.Parameter]) -> None:
+        """Under DDP: measure each of ``params`` as its gradient is complete on this rank, in the
+        backward of the micro-batch that ``start_micro_batch`` called the last. A hook after a
+        parameter's gradient accumulation runs before DDP marks it ready for the all-reduce, which
+        then averages it in place; measuring there keeps DDP's own C++ all-reduce (a Python
+        communication hook cost several times more on a small step)."""
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._measure)
+
+    def start_micro_batch(self, last: bool) -> None:
+        self.measuring = last
+
+    def _measure(self, param: torch.nn.Parameter) -> None:
+        if self.measuring:
+            grad = param.grad.reshape(-1)  # a view, but for channels-last tensors
+            self.local.add_(torch.dot(grad, grad))
 
     def carried(self, first: bool) -> tuple[torch.Tensor]:
         """What this rank adds to the stats all-reduce: the previous step's sum, once per step."""

@@ -107,8 +107,8 @@ class TrainStep:
                                                gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS,
                                                **self.comm.ddp_options())
             if self.noise is not None and dist.world_size > 1:
-                # The rank's own gradient exists only inside DDP's all-reduce.
-                self.net.register_comm_hook(None, self.noise.hook(exclude=self.stats.stats))
+                # The rank's own gradient exists only until DDP averages it in place.
+                self.noise.watch(self.params)
             self.comm.register(self.net)
         else:
             distributed.broadcast_parameters(self.net)
@@ -191,6 +191,8 @@ class TrainStep:
             xm, ym = x[i::accumulate], y[i::accumulate]
             # DDP all-reduces only with the last micro-batch; the others accumulate locally.
             sync = i == accumulate - 1 or self.buckets is not None
+            if self.noise is not None:
+                self.noise.start_micro_batch(last=i == accumulate - 1)
             with (nullcontext() if sync else self.net.no_sync()), self.autocast:
                 micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
             carried = self.noise.carried(first=i == 0) if self.carries else ()
