@@ -44,8 +44,12 @@ class TensorBoardLogger(NullLogger):
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        # One event holding all of a step's values, each as add_scalar writes it: add_scalar itself
+        # costs about 25 us of Python per value, which per-layer statistics multiply by 3 per tensor.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
+        self.writer.file_writer.add_summary(summary, step)
 
     def progress(self, step: int, **shown: float) -> None:
         if shown:
