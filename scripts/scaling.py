@@ -185,7 +185,8 @@ def markdown(results: list[dict], runs: dict[int, dict], args: argparse.Namespac
             "",
         ]
     lines += [f"![samples/s, exposed communication and efficiency against world size]({png.name})", "",
-              "| world size | comm_hook | bucket_mb | ms/step | ms/step, no_sync | samples/s | exposed comm | efficiency |",
+              "| world size | comm_hook | bucket_mb | ms/step | turns' range, ms | ms/step, no_sync | samples/s | "
+              "exposed comm | efficiency |",
               "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r['world_size']} | {r['comm_hook']} | {r['bucket_mb']:g} | {r['t_sync_ms']:.2f} | "
