@@ -98,6 +98,16 @@ class Communication:
     def load_rank_state(self, state: dict | None, step: int) -> None:
         """Continue at ``step`` from this rank's ``rank_state`` (None: none saved for this world size)."""
 
+    def observed(self) -> dict[str, float]:
+        """What logged steps log: ``comm/compression_ratio``, how many times fewer bytes than
+        ``none`` the step just taken all-reduced for the model's gradients (local SGD: per step,
+        averaged over a period, its own small all-reduce of the loss, flag and norm included)."""
+        return {}
+
+    def _ratio(self, compressed: bool) -> dict[str, float]:
+        full = sum(p.numel() * p.element_size() for p in self.params)
+        return {"comm/compression_ratio": full / bytes_per_step(self.tc, self.params) if compressed else 1.0}
+
     def describe(self) -> str:
         full = sum(p.numel() * p.element_size() for p in self.params)
         now = bytes_per_step(self.tc, self.params)
@@ -110,6 +120,9 @@ class Communication:
 
 class Compression(Communication):
     """``fp16`` / ``bf16``: torch's compress hooks."""
+
+    def observed(self) -> dict[str, float]:
+        return self._ratio(compressed=True)
 
     def register(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
         hook = default_hooks.fp16_compress_hook if self.tc.comm_hook == "fp16" else default_hooks.bf16_compress_hook
@@ -300,6 +313,9 @@ class PowerSGD(Communication):
         self.state.rng.set_state(("MT19937", rng["keys"].numpy().astype("uint32"), rng["pos"], rng["has_gauss"],
                                   rng["cached_gaussian"]))
 
+    def observed(self) -> dict[str, float]:
+        return self._ratio(compressed=self.state.iter - 1 >= self.state.start_powerSGD_iter)  # iter: steps taken
+
     def _after_warmup(self) -> str:
         return f" from step {self.tc.powersgd_warmup_steps} on (rank {self.tc.powersgd_rank})"
 
@@ -366,6 +382,9 @@ class LocalSGD(Communication):
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"]):
                 p.copy_(saved)
+
+    def observed(self) -> dict[str, float]:
+        return self._ratio(compressed=self.averager.step - 1 >= self.averager.warmup_steps)  # step: steps taken
 
     def _after_warmup(self) -> str:
         return (f" from step {self.tc.local_sgd_warmup_steps} on (parameters averaged every "

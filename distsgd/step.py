@@ -73,7 +73,7 @@ class StepResult:
     grad_norm: float  # of the averaged (and unscaled) gradient, before clipping; local SGD: the ranks' mean
     skipped: bool  # the guard refused the update: non-finite loss, or gradient in fp32/bf16
     stop_requested: bool  # some rank received a stop signal
-    diagnostics: dict[str, float] = field(default_factory=dict)  # gns/* every step, layers/* when observed
+    diagnostics: dict[str, float] = field(default_factory=dict)  # gns/*, layers/*, comm/* when observed
 
 
 class TrainStep:
@@ -149,6 +149,8 @@ class TrainStep:
             diagnostics = self.noise.finish_step(noise[0], norm**2, scale, len(x) * self.world_size, skipped, observe)
         if self.layers is not None and observe:
             diagnostics.update(self.layers.after_update())
+        if observe:
+            diagnostics.update(self.comm.observed())
         return StepResult(loss, norm, skipped, bool(stop_requested), diagnostics)
 
     def _grads(self) -> list[torch.Tensor]:

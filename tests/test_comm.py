@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing
-from conftest import make_config
+from conftest import make_config, read_scalars
 from test_combinations import assert_same_values, train_in
 from test_resume import assert_bitwise_equal, interrupted_after
 
@@ -162,6 +162,16 @@ def test_hooks_change_the_result_as_much_as_their_maths_says(runs):
     assert results["powersgd_r1"]["torch_compression"] == pytest.approx(ratio, rel=1e-12)
     assert ratio > 7
     assert relative_difference(checkpoint(root, "powersgd_r1")["model"], none) > 1e-3
+    # Logged at every step here, the ratio for the model's gradients: 1 until compression starts
+    # (warm-up of 2 steps); fp16 halves them; local SGD after its 1 synchronous step sends the
+    # loss, flag and norm each step and the parameters every second one.
+    def logged_ratio(name: str) -> list[float]:
+        return [v for _, v in read_scalars(root / name / "uninterrupted")["comm/compression_ratio"]]
+    full = sum(p.numel() * 4 for p in params[1:])
+    assert logged_ratio("powersgd_r1") == pytest.approx([1, 1] + [full / comm.bytes_per_step(config, params[1:])] * 4)
+    assert logged_ratio("fp16") == pytest.approx([2] * STEPS)
+    assert logged_ratio("local_sgd_h2") == pytest.approx([1] + [full / (full / 2 + 12)] * (STEPS - 1))
+    assert "comm/compression_ratio" not in read_scalars(root / "none" / "uninterrupted")
 
 
 @pytest.mark.parametrize("name", ["powersgd_nan", "local_sgd_nan"])
