@@ -36,8 +36,8 @@ class Result:
     name: str
     path: Path
     overrides: list[str]
-    final: dict[str, float]  # the metrics train.run returned; empty when it diverged
-    diverged: str | None  # the stop message when the run stopped on non-finite values
+    final: dict[str, float]  # the metrics train.run returned; empty when it stopped early
+    diverged: str | None  # why the run counts as diverged: stopped on non-finite values, or ended with them
     seconds: float
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # tag -> (steps, values)
 
@@ -70,6 +70,8 @@ def train(out: Path, name: str, overrides: Sequence[str]) -> Result:
         final = trainer.run(cfg, run_dir)
     except Stopped as stop:
         diverged = str(stop)
+    if final and not math.isfinite(final.get("train/loss", 0.0)):
+        diverged = f"ended with train/loss {final['train/loss']} after {final['train/skipped_steps']} skipped steps"
     curves = {tag: (np.array([e.step for e in events]), np.array([e.value for e in events]))
               for tag, events in read_scalars(run_dir / "tensorboard").items()}
     result = Result(name, run_dir, overrides, final, diverged, time.perf_counter() - started, curves)
