@@ -29,7 +29,6 @@ _LAST = "last.pt"
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
 # Exact types, not isinstance: subclasses (numpy.float64 is a float, a namedtuple a tuple) pickle
 # as their own class, which weights_only loading refuses. model.state_dict() is an OrderedDict.
-_CONTAINERS = (dict, OrderedDict, list, tuple)
 _LEAVES = (str, int, float, bool, type(None), torch.Tensor, torch.nn.Parameter)
 
 
