@@ -1,0 +1,284 @@
+"""Steps and samples to a target loss against the batch size, and the critical batch size that the
+gradient noise scale predicts.
+
+Claim (McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
+arXiv:1812.06162, Eq. 2.11, Figs. 4-5, Section 2, Fig. 7 and Table 1): with the learning rate tuned
+for each batch size B, the optimizer steps S and the samples E = B S that reach a given loss lie on
+the Pareto front S/S_min - 1 = (E/E_min - 1)^-1. Equivalently S = S_min + E_min / B: steps fall as
+1/B (perfect scaling, E = E_min) for B << B_crit and level off at S_min (diminishing returns) for
+B >> B_crit, with the critical batch size B_crit = E_min / S_min. The simple noise scale
+B_simple = tr(Sigma) / |G|^2, measured during training near that loss, predicts B_crit within a
+small factor.
+
+Our design: a 2-layer MLP on distsgd's synthetic classification set with label noise
+(data.noise=1 on the teacher's logits) and 2^17 samples, so that no run sees a sample twice (the
+finite-data effect is negligible). Batch sizes 16..2048 (powers of 2, about B_simple/10 to 12
+B_simple as it turned out), and for each a window of five learning rates a factor sqrt(2) apart (a
+factor 4 in all), centred on the paper's form of the best rate eps_max / (1 + B_noise / B) with
+values from a coarser pilot sweep; two trainer seeds each. A batch size's S is the fewest steps (the
+mean over the seeds) to reach the target validation loss over its rates. S_min and E_min come from a
+least-squares fit of S = S_min + E_min / B in relative error. B_simple is distsgd's
+diagnostics.noise_scale (one process, trainer.accumulate=2: the micro-batch is the small batch) of
+each best run at the step it reached the target; the prediction holds when their median is within a
+factor of 3 of B_crit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from distsgd.studies import runs
+
+TITLE = "Critical batch size: steps to a target loss against the batch size, and the gradient noise scale"
+
+DATA = ["data=synthetic", "data.num_samples=131072", "data.val_fraction=0.05", "data.noise=1.0", "model=mlp"]
+TARGET = 1.06  # validation loss; the best runs level off near 1.02
+# Read off the same runs: B_crit and B_simple at other losses (the rate windows suit TARGET).
+OTHER_TARGETS = [1.1, 1.08, 1.05]
+BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048]
+QUICK_BATCHES = [16, 64, 512, 2048]
+LR_STEPS = [-1.0, -0.5, 0.0, 0.5, 1.0]  # the window around each batch size's centre rate, in powers of 2
+# The criteria, fixed before the full run: B_simple (the median over the best runs) predicts B_crit
+# when B_crit / NEAR <= B_simple <= NEAR * B_crit (the paper finds agreement within a factor of a few);
+# quadrupling the smallest batch cuts the steps below SMALL_RATIO_MAX of theirs (perfect scaling: 1/4),
+# quadrupling to the largest keeps them above LARGE_RATIO_MIN (no gain: 1); the front fits within
+# FIT_RESIDUAL_MAX (rms relative residual).
+NEAR, SMALL_RATIO_MAX, LARGE_RATIO_MIN, FIT_RESIDUAL_MAX = 3.0, 0.45, 0.7, 0.2
+EVALUATIONS = 40  # validation (and logging) points per run
+PILOT_MAX_LR, PILOT_NOISE = 2.0, 256  # what a coarser pilot sweep suggested
+SEEDS = [0, 1]  # trainer seeds (initialisation and batch order); the data stay the same
+# gns/b_simple averages over the last ~4096 samples at every batch size: a few steps at the largest
+# (where one step measures it well), most of the run at the smallest (where one step is mostly noise).
+NOISE_WINDOW = 4096
+
+
+def centre_lr(batch: int) -> float:
+    """The paper's form of the best rate, eps_max / (1 + B_noise / B), with eps_max = 2 and B_noise = 256
+    from a pilot, rounded to a half power of 2."""
+    return 2.0 ** (round(2 * math.log2(PILOT_MAX_LR / (1 + PILOT_NOISE / batch))) / 2)
+
+
+def max_steps(batch: int) -> int:
+    # About twice the steps the pilot's best rate needs: the slower rates of the window may stop short.
+    return 30 + 6000 // batch
+
+
+def overrides(batch: int, lr: float, seed: int) -> list[str]:
+    every = max(1, max_steps(batch) // EVALUATIONS)
+    return [*DATA, f"data.global_batch_size={batch}", f"optim.lr={lr:.4g}", f"trainer.seed={seed}",
+            f"trainer.max_steps={max_steps(batch)}", f"trainer.val_every={every}", f"trainer.log_every={every}",
+            "trainer.accumulate=2", "diagnostics.noise_scale=true", f"diagnostics.noise_ema_samples={NOISE_WINDOW}"]
+
+
+def grid(quick: bool) -> dict[str, tuple[int, float, int]]:
+    """Run name -> (batch size, learning rate, trainer seed); quick trains each centre rate once."""
+    shifts, seeds = ([0.0], SEEDS[:1]) if quick else (LR_STEPS, SEEDS)
+    keys = [(batch, float(f"{centre_lr(batch) * 2**shift:.4g}"), seed)
+            for batch in (QUICK_BATCHES if quick else BATCHES) for shift in shifts for seed in seeds]
+    return {f"b{batch}_lr{lr:g}_seed{seed}": (batch, lr, seed) for batch, lr, seed in keys}
+
+
+def steps_to_target(steps: np.ndarray, values: np.ndarray, target: float) -> float:
+    """The step where the curve first reaches ``target``, interpolated linearly between the
+    evaluation before and the first one at or below it; inf when it never does."""
+    hit = runs.first_step_at_or_below(steps, values, target)
+    if not math.isfinite(hit):
+        return hit
+    i = int(np.flatnonzero(steps == hit)[0])
+    if i == 0:
+        return float(hit)
+    fraction = (values[i - 1] - target) / (values[i - 1] - values[i])
+    return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
+
+
+def fit_front(batches: np.ndarray, steps: np.ndarray) -> tuple[float, float]:
+    """S_min, E_min of S = S_min + E_min / B (Eq. 2.11 solved for S), least squares in relative error."""
+    design = np.stack([1 / steps, 1 / (batches * steps)], axis=1)
+    (s_min, e_min), *_ = np.linalg.lstsq(design, np.ones_like(steps), rcond=None)
+    return float(s_min), float(e_min)
+
+
+def value_at(result: runs.Result, tag: str, step: float) -> float:
+    """The logged value of ``tag`` at the logged step nearest ``step``."""
+    steps, values = result.curve(tag)
+    return float(values[np.argmin(np.abs(steps - step))]) if len(steps) and math.isfinite(step) else math.nan
+
+
+def measure(results: dict[str, runs.Result], names: dict[str, tuple[int, float, int]], target: float) -> dict:
+    """Per batch size: each rate's steps to ``target`` (the mean over seeds), the best rate, its S
+    and E, and B_simple where each of its runs reached the target."""
+    reached = {name: math.inf if result.diverged else steps_to_target(*result.curve("val/loss"), target)
+               for name, result in results.items()}
+    by_batch: dict[int, dict[float, list[str]]] = {}
+    for name, (batch, lr, _) in names.items():
+        by_batch.setdefault(batch, {}).setdefault(lr, []).append(name)
+    table = {}
+    for batch, by_lr in sorted(by_batch.items()):
+        steps_by_lr = {lr: float(np.mean([reached[name] for name in by_lr[lr]])) for lr in sorted(by_lr)}
+        best = min(steps_by_lr, key=steps_by_lr.get)
+        best_runs = by_lr[best]
+        table[batch] = {"steps_by_lr": steps_by_lr, "best_lr": best, "steps": steps_by_lr[best],
+                        "samples": steps_by_lr[best] * batch,
+                        "at_edge": len(by_lr) > 1 and best in (min(by_lr), max(by_lr)),
+                        "runs": best_runs, "crossings": [reached[name] for name in best_runs],
+                        "b_simple": [value_at(results[name], "gns/b_simple", reached[name]) for name in best_runs]}
+    return table
+
+
+def summarize(table: dict, target: float) -> dict:
+    """The fitted front, B_crit, the measured B_simple and the step ratios the verdict judges."""
+    batches = np.array(sorted(table), dtype=float)
+    steps = np.array([table[b]["steps"] for b in sorted(table)])
+    reached = bool(np.all(np.isfinite(steps)))
+    s_min, e_min = fit_front(batches, steps) if reached else (math.nan, math.nan)
+    b_simples = np.array([value for b in sorted(table) for value in table[b]["b_simple"]])
+
+    def fitted(batch: float) -> float:
+        return s_min + e_min / batch
+
+    small, big = sorted(table)[0], sorted(table)[-1]
+    return {
+        "target_val_loss": target, "all_reached": reached, "s_min": s_min, "e_min": e_min,
+        "b_crit": e_min / s_min if s_min > 0 and e_min > 0 else math.nan,
+        "fit_rms_relative_residual": float(np.sqrt(np.mean((steps / fitted(batches) - 1) ** 2))),
+        "b_simple": float(np.median(b_simples)), "b_simple_range": [float(b_simples.min()), float(b_simples.max())],
+        "steps_ratio_small": table[4 * small]["steps"] / table[small]["steps"],
+        "steps_ratio_large": table[big]["steps"] / table[big // 4]["steps"],
+        "fit_ratio_small": fitted(4 * small) / fitted(small), "fit_ratio_large": fitted(big) / fitted(big // 4),
+        "per_batch": {str(b): {**{k: row[k] for k in ("best_lr", "steps", "samples", "at_edge", "crossings")},
+                               "b_simple": row["b_simple"],
+                               "steps_by_lr": {f"{lr:g}": steps for lr, steps in row["steps_by_lr"].items()}}
+                      for b, row in sorted(table.items())},
+    }
+
+
+def judge(numbers: dict) -> bool:
+    """Every batch size reached the target, the front fits, the two regimes show, and B_simple is near B_crit."""
+    b_crit, b_simple = numbers["b_crit"], numbers["b_simple"]
+    return bool(numbers["all_reached"] and numbers["fit_rms_relative_residual"] < FIT_RESIDUAL_MAX
+                and numbers["steps_ratio_small"] < SMALL_RATIO_MAX and numbers["steps_ratio_large"] > LARGE_RATIO_MIN
+                and math.isfinite(b_crit) and b_crit / NEAR <= b_simple <= NEAR * b_crit)
+
+
+def other_targets(results: dict[str, runs.Result], names: dict[str, tuple[int, float, int]]) -> dict:
+    """The front, B_crit and B_simple at each of OTHER_TARGETS, from the same runs."""
+    found = {}
+    for target in OTHER_TARGETS:
+        numbers = summarize(measure(results, names, target), target)
+        found[f"{target:g}"] = {key: numbers[key] for key in ("all_reached", "s_min", "e_min", "b_crit", "b_simple")}
+        found[f"{target:g}"]["best_lr_at_edge"] = [b for b, row in numbers["per_batch"].items() if row["at_edge"]]
+    return found
+
+
+def run(out: Path, quick: bool = False) -> runs.Outcome:
+    names = grid(quick)
+    results = runs.train_all(out, {name: overrides(*key) for name, key in names.items()}, workers=1 if quick else 2)
+    table = measure(results, names, TARGET)
+    numbers = summarize(table, TARGET)
+    numbers["other_targets"] = other_targets(results, names)
+    holds = judge(numbers)
+    figures = [draw_front(out, table, numbers), draw_noise(out, table, results, numbers)]
+    return runs.Outcome(TITLE, verdict(numbers, holds, quick), holds, numbers, figures)
+
+
+def draw_front(out: Path, table: dict, numbers: dict) -> Path:
+    """Steps to the target against the batch size with the fit and its asymptotes; the (E, S) front."""
+    s_min, e_min, b_crit, b_simple = (numbers[k] for k in ("s_min", "e_min", "b_crit", "b_simple"))
+    fig, ((by_batch, front),) = runs.figure(ncols=2, width=5.5, height=4.2)
+    batches = np.array(sorted(table), dtype=float)
+    steps = np.array([table[b]["steps"] for b in sorted(table)])
+    for batch, row in table.items():
+        others = [s for lr, s in row["steps_by_lr"].items() if lr != row["best_lr"] and math.isfinite(s)]
+        by_batch.scatter([batch] * len(others), others, s=10, color="0.7",
+                         label="other learning rates" if batch == batches[0] else None)
+    by_batch.plot(batches, steps, "o", color="C0", label="best learning rate")
+    if math.isfinite(b_crit):
+        line = np.geomspace(batches[0] / 2, batches[-1] * 2, 200)
+        by_batch.plot(line, s_min + e_min / line, color="C0", label="fit $S_{min} + E_{min}/B$")
+        by_batch.plot(line, e_min / line, ":", color="C1", label=r"$S = E_{min}/B$ (perfect scaling)")
+        by_batch.axhline(s_min, ls="--", color="C2", label=r"$S = S_{min}$")
+        by_batch.axvline(b_crit, color="C3", label=f"$B_{{crit}}$ = {b_crit:.0f}")
+        by_batch.axvline(b_simple, ls="--", color="C4", label=f"$B_{{simple}}$ = {b_simple:.0f} (median)")
+        by_batch.set_ylim(steps.min() / 2, steps.max() * 2)
+    by_batch.set(xscale="log", yscale="log", xlabel="batch size B (samples)", ylabel="steps S to the target",
+                 title=f"Steps to validation loss {TARGET}")
+    by_batch.legend(fontsize=7)
+    front.plot(steps * batches, steps, "o", color="C0", label="best learning rate")
+    for batch, s in zip(batches, steps):
+        front.annotate(f"B={batch:.0f}", (s * batch, s), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if math.isfinite(b_crit):
+        e = np.geomspace(e_min * 1.02, (steps * batches).max() * 2, 200)
+        front.plot(e, s_min * (1 + 1 / (e / e_min - 1)), color="C0", label=r"$(S/S_{min}-1)(E/E_{min}-1) = 1$")
+        front.axhline(s_min, ls="--", color="C2", label=f"$S_{{min}}$ = {s_min:.1f}")
+        front.axvline(e_min, ls=":", color="C1", label=f"$E_{{min}}$ = {e_min:.0f}")
+        front.set_ylim(s_min / 1.5, steps.max() * 2)
+    front.set(xscale="log", yscale="log", xlabel="samples E = B S to the target", ylabel="steps S to the target",
+              title="Pareto front of steps and samples")
+    for axis in (by_batch.xaxis, by_batch.yaxis, front.xaxis, front.yaxis):
+        plain_log_ticks(axis)
+    front.legend(fontsize=7)
+    return runs.save(fig, out / "batch_size.png")
+
+
+def plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2 and 5 times the powers of 10, written as plain numbers (few decades to show)."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def draw_noise(out: Path, table: dict, results: dict[str, runs.Result], numbers: dict) -> Path:
+    """gns/b_simple along each batch size's best runs, with where they reached the target."""
+    b_crit, b_simple = numbers["b_crit"], numbers["b_simple"]
+    fig, ((ax,),) = runs.figure(width=6.0, height=4.2)
+    for i, (batch, row) in enumerate(sorted(table.items())):
+        for k, (name, crossing, value) in enumerate(zip(row["runs"], row["crossings"], row["b_simple"])):
+            steps, values = results[name].curve("gns/b_simple")
+            shown = values > 0  # an early estimate of |G|^2 can be negative; log axes leave it out
+            ax.plot(steps[shown] + 1, values[shown], color=f"C{i % 10}", lw=0.8, label=None if k else f"B={batch}")
+            ax.plot(crossing + 1, value, "o", color=f"C{i % 10}")
+    if math.isfinite(b_crit):
+        ax.axhline(b_crit, color="k", ls="--", label=f"$B_{{crit}}$ = {b_crit:.0f} (fit)")
+        ax.axhline(b_simple, color="k", ls=":", label=f"$B_{{simple}}$ = {b_simple:.0f} (median of the dots)")
+    ax.set(xscale="log", yscale="log", xlabel="step + 1", ylabel=r"$B_{simple}$ = tr($\Sigma$)/|G|$^2$ (samples)",
+           title="Gradient noise scale during training (dots: target reached)")
+    if math.isfinite(b_simple):
+        ax.set_ylim(b_simple / 10, b_simple * 10)  # the first steps' estimates can be far off
+    plain_log_ticks(ax.xaxis)
+    plain_log_ticks(ax.yaxis)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return runs.save(fig, out / "batch_size_noise.png")
+
+
+def verdict(numbers: dict, holds: bool, quick: bool) -> str:
+    per_batch = numbers["per_batch"]
+    batches = list(per_batch)
+    edges = [b for b, row in per_batch.items() if row["at_edge"]]
+    low, high = numbers["b_simple_range"]
+    scale = " (quick version: each centre rate once, four batch sizes)" if quick else " (best rate, mean of 2 seeds)"
+    text = (f"Steps to validation loss {TARGET}{scale}: "
+            + ", ".join(f"B={b}: {row['steps']:.0f}" for b, row in per_batch.items())
+            + f". The fit S = S_min + E_min/B gives S_min = {numbers['s_min']:.1f} steps and E_min = "
+            f"{numbers['e_min']:.0f} samples (rms relative residual {numbers['fit_rms_relative_residual']:.0%}; "
+            f"criterion < {FIT_RESIDUAL_MAX:.0%}), so B_crit = E_min/S_min = {numbers['b_crit']:.0f}. "
+            f"From B={batches[0]} to {4 * int(batches[0])} the steps fall to {numbers['steps_ratio_small']:.2f} of "
+            f"theirs (perfect scaling 0.25, the fit {numbers['fit_ratio_small']:.2f}; criterion < {SMALL_RATIO_MAX}), "
+            f"from B={int(batches[-1]) // 4} to {batches[-1]} to {numbers['steps_ratio_large']:.2f} (no gain 1, "
+            f"the fit {numbers['fit_ratio_large']:.2f}; criterion > {LARGE_RATIO_MIN}). B_simple where the best "
+            f"runs reached the target is {numbers['b_simple']:.0f} (median; {low:.0f} to {high:.0f} over the runs), "
+            f"{numbers['b_simple'] / numbers['b_crit']:.2f} times B_crit (criterion: within a factor {NEAR:g}).")
+    text += " Read off the same runs at other targets: " + ", ".join(
+        f"loss {t}: B_crit {other['b_crit']:.0f}, B_simple {other['b_simple']:.0f}"
+        for t, other in numbers["other_targets"].items()) + (
+        " (the paper finds both grow as the loss falls; our rate windows suit the main target, so at the "
+        "others the best rate may lie at a window's edge).")
+    if not numbers["all_reached"]:
+        text += " Not every batch size reached the target: " + ", ".join(
+            f"B={b}" for b, row in per_batch.items() if not math.isfinite(row["steps"])) + "."
+    if edges:
+        text += f" The best rate lay at the edge of its window for B = {', '.join(edges)}, so their S may be high."
+    return text + (" The claim holds at this scale." if holds else " The claim does not hold at this scale.")
