@@ -44,6 +44,8 @@ from distsgd.metrics import BEST, flatten, read_scalars
 SEED = "trainer.seed"
 BATCH = "data.global_batch_size"
 LR_FIND_COLUMNS = ("lr", "loss", "smoothed_loss")
+# Beyond this many runs a figure of curves names none: a legend that long crowds out the plot.
+LEGEND_RUNS = 16
 
 
 @dataclass
@@ -252,7 +254,10 @@ def plot_curves(runs: Sequence[Run], keys: Sequence[str], axes_of: SampleAxes, o
         for ax, (name, _) in zip(axes, xs):
             ax.set(xlabel=name, ylabel=tag, title=tag)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize="small")
+        if len(runs) <= LEGEND_RUNS:
+            axes[0].legend(fontsize="small")
+        else:
+            figure.suptitle(f"{len(runs)} runs, too many to name here: report.md lists them", fontsize="small")
         figures[tag] = _save(figure, out / "curves" / f"{tag}.png")
     return figures
 

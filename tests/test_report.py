@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,13 @@ from conftest import CONF, REPO, make_config, read_scalars, subprocess_env
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distsgd import lr_find
 from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
 from distsgd.metrics import hparams_entry
-from distsgd.report import SampleAxes, find_runs, log_scale, main
+from distsgd.report import LEGEND_RUNS, Run, SampleAxes, find_runs, log_scale, main, plot_curves
 from distsgd.train import run
 
 COMMON = ["data.num_samples=256", "model.width=8", "trainer.max_steps=8", "trainer.log_every=2",
@@ -185,3 +186,13 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"distsgd-report: error: no runs under {tmp_path}: a run folder holds "
                                        "tensorboard/ or lr_find.csv\n")
+
+
+def test_curves_of_many_runs_keep_their_plot_and_name_no_run(tmp_path):
+    runs = [Run(f"run{i}", tmp_path, {}, {}, {"train/loss": [ScalarEvent(0.0, s, 1.0 / (s + i + 1)) for s in range(3)]})
+            for i in range(80)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [path] = plot_curves(runs, [], SampleAxes(runs), tmp_path).values()
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert not [w for w in caught if "constrained_layout" in str(w.message)]
