@@ -174,7 +174,8 @@ def plot(out: Path, results: dict[str, list[runs.Result]]) -> Path:
         ax.set_title(title)
     axes[0, 0].set_yscale("log")
     finals = [r.final["val/accuracy"] for rs in results.values() for r in rs if not r.diverged]
-    axes[1, 1].set_ylim(min(finals) - 0.05, max(finals) + 0.03)
+    if finals:  # zoomed on where the runs end
+        axes[1, 1].set_ylim(min(finals) - 0.05, max(finals) + 0.03)
     axes[0, 0].legend(fontsize=8, loc="lower left")
     return save_compact(fig, out / "batch_growth.png")
 
