@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from distsgd import lr_find
 from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
 from distsgd.metrics import hparams_entry
-from distsgd.report import LEGEND_RUNS, Run, SampleAxes, find_runs, log_scale, main, plot_curves
+from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves
 from distsgd.train import run
 
 COMMON = ["data.num_samples=256", "model.width=8", "trainer.max_steps=8", "trainer.log_every=2",

@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 from distsgd import data, models
 from distsgd.config import to_config
 from distsgd.studies import runs
-from distsgd.studies.linear_scaling import epoch_means, save_compact
 
 TITLE = "Batch growth instead of learning-rate decay (Smith et al. 2017)"
 BASE_BATCH = 32
@@ -157,13 +156,13 @@ def plot(out: Path, results: dict[str, list[runs.Result]]) -> Path:
                 axes[0, 0].plot(epochs_of(batches, steps), lr / batch * BASE_BATCH / LR, label=LABELS[name],
                                 drawstyle="steps-post", **style)
             steps, loss = result.curve("train/loss")
-            epochs, mean_loss = epoch_means(epochs_of(batches, steps), loss)
+            epochs, mean_loss = runs.epoch_means(epochs_of(batches, steps), loss)
             axes[0, 1].plot(epochs, mean_loss, **style)
-            axes[1, 0].plot(epoch_means(epochs_of(batches, steps), steps)[1], mean_loss, **style)
+            axes[1, 0].plot(runs.epoch_means(epochs_of(batches, steps), steps)[1], mean_loss, **style)
             steps, accuracy = result.curve("val/accuracy")
             # A validation after update t belongs to the epoch that update is in; the one at step 0 to none.
             after = epochs_of(batches, steps)
-            axes[1, 1].plot(*epoch_means(np.ceil(after[1:]) - 1, accuracy[1:]), **style)
+            axes[1, 1].plot(*runs.epoch_means(np.ceil(after[1:]) - 1, accuracy[1:]), **style)
     labels = ((axes[0, 0], "epoch", "lr / batch, relative to the start", "Noise scale lr N / B (annealings coincide)"),
               (axes[0, 1], "epoch", "train loss (mean over each epoch)", "Training loss against epochs (all seeds)"),
               (axes[1, 0], "optimizer step", "train loss (mean over each epoch)", "Training loss against steps"),
@@ -177,7 +176,7 @@ def plot(out: Path, results: dict[str, list[runs.Result]]) -> Path:
     if finals:  # zoomed on where the runs end
         axes[1, 1].set_ylim(min(finals) - 0.05, max(finals) + 0.03)
     axes[0, 0].legend(fontsize=8, loc="lower left")
-    return save_compact(fig, out / "batch_growth.png")
+    return runs.save(fig, out / "batch_growth.png")
 
 
 def verdict(numbers: dict, holds: bool) -> str:

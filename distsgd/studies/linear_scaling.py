@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from distsgd import data
 from distsgd.config import CONF_DIR, to_config
@@ -131,22 +130,7 @@ def last_epoch_loss(result: runs.Result, steps_per_epoch: int) -> float:
     steps, loss = result.curve("train/loss")
     if result.diverged or not len(steps):
         return float("inf")
-    return float(epoch_means(steps / steps_per_epoch, loss)[1][-1])
-
-
-def epoch_means(epochs: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The mean of the points logged within each epoch, placed at the epoch's middle."""
-    bins = np.floor(epochs).astype(int)
-    whole = np.unique(bins)
-    return whole + 0.5, np.array([values[bins == e].mean() for e in whole])
-
-
-def save_compact(fig, path: Path) -> Path:
-    """runs.save, then down to 256 colours: a third of the bytes for these line plots, which the
-    repository keeps."""
-    runs.save(fig, path)
-    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
-    return path
+    return float(runs.epoch_means(steps / steps_per_epoch, loss)[1][-1])
 
 
 def plot_finals(out: Path, numbers: dict) -> Path:
@@ -170,7 +154,7 @@ def plot_finals(out: Path, numbers: dict) -> Path:
     axes[0, 0].legend(fontsize=8, loc="lower left")
     axes[0, 0].set_title("Digits MLP: final accuracy vs k (dots: seeds)")
     axes[0, 1].set_title("Final validation loss vs k")
-    return save_compact(fig, out / "linear_scaling.png")
+    return runs.save(fig, out / "linear_scaling.png")
 
 
 def plot_curves(out: Path, setting: Setting, results: dict, num_train: int) -> Path:
@@ -182,7 +166,7 @@ def plot_curves(out: Path, setting: Setting, results: dict, num_train: int) -> P
         style = dict(color=f"C{CURVE_KS.index(k)}", ls="-" if warmup else "--", lw=1,
                      label=f"k={k}{' warmup' if warmup else ''}" if seed == setting.seeds[0] else None)
         steps, loss = result.curve("train/loss")
-        axes[0, 0].plot(*epoch_means(steps / steps_per_epoch, loss), **style)
+        axes[0, 0].plot(*runs.epoch_means(steps / steps_per_epoch, loss), **style)
         steps, accuracy = result.curve("val/accuracy")
         axes[0, 1].plot(steps / steps_per_epoch, accuracy, **style)
     axes[0, 0].set_yscale("log")
@@ -194,7 +178,7 @@ def plot_curves(out: Path, setting: Setting, results: dict, num_train: int) -> P
     axes[0, 0].legend(fontsize=8)
     axes[0, 0].set_title("Training loss (solid: warmup, dashed: none; all seeds)")
     axes[0, 1].set_title("Validation accuracy")
-    return save_compact(fig, out / "linear_scaling_curves.png")
+    return runs.save(fig, out / "linear_scaling_curves.png")
 
 
 def percentages(values: list[float]) -> str:
