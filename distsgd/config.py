@@ -99,7 +99,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine")
 # The keys that only some options read (as models.build and optim.build_optimizer use them); the
 # others, such as lr or weight_decay, serve every option.
-MODEL_KEYS = {"linear": (), "logistic": (), "mlp": ("depth", "width", "activation"),
+MODEL_KEYS = {"linear": ("bias", "init"), "logistic": ("bias", "init"), "mlp": ("depth", "width", "activation"),
               "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn")}
 OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
               "adagrad": ("eps",), "rmsprop": ("momentum", "alpha", "eps")}
@@ -177,6 +177,10 @@ class ModelConfig:
     activation: str = "relu"
     # BatchNorm statistics over the global batch instead of each rank's share of it.
     sync_bn: bool = False
+    # model=linear|logistic: with or without a bias, starting from torch's default initialisation
+    # or from zero (as analyses of least squares from w = 0 assume, e.g. Wilson et al. 2017).
+    bias: bool = True
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
@@ -184,6 +188,7 @@ class ModelConfig:
         _check_non_negative("model.depth", self.depth)
         _check_positive("model.width", self.width)
         _check_choice("model.activation", self.activation, ACTIVATIONS)
+        _check_choice("model.init", self.init, ("default", "zeros"))
 
 
 @dataclass

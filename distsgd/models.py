@@ -21,7 +21,11 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, task
             if task != expected:
                 other = "logistic" if cfg.name == "linear" else "linear"
                 raise ConfigError(f"model={cfg.name} is for {expected} but the data is {task}; use model={other}")
-            return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_outputs))
+            layer = nn.Linear(in_features, num_outputs, bias=cfg.bias)
+            if cfg.init == "zeros":
+                for param in layer.parameters():
+                    nn.init.zeros_(param)
+            return nn.Sequential(nn.Flatten(), layer)
         case "mlp":
             layers: list[nn.Module] = [nn.Flatten()]
             width = in_features

@@ -70,6 +70,27 @@ def test_config_errors_name_the_key(model, shape, task, key):
         _build(shape, task, **model)
 
 
+@pytest.mark.parametrize("name, task", [("linear", "regression"), ("logistic", "classification")])
+def test_linear_models_without_bias_from_zero(name, task):
+    default = dict(_build((4, 2), task, 3, name=name).named_parameters())
+    net = _build((4, 2), task, 3, name=name, bias=False, init="zeros")
+    params = dict(net.named_parameters())
+    assert set(default) == {"1.weight", "1.bias"} and set(params) == {"1.weight"}
+    assert params["1.weight"].shape == (3, 8) and not params["1.weight"].any()
+    assert default["1.weight"].any()
+    assert not _build((8,), task, 3, name=name, init="zeros")(torch.randn(BATCH, 8)).any()
+
+
+@pytest.mark.parametrize("model, message", [
+    (dict(name="mlp", bias=False), "model.bias must be left at True with model=mlp"),
+    (dict(name="cnn", init="zeros"), "model.init must be left at 'default' with model=cnn"),
+    (dict(name="linear", init="ones"), "model.init must be one of default|zeros"),
+])
+def test_bias_and_init_are_for_linear_models(model, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**model)
+
+
 def test_bad_shape_message_names_the_shape():
     with pytest.raises(ConfigError, match=r"\(784,\)"):
         _build((784,), name="cnn")
