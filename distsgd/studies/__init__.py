@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs.quiet()
     failed = []
     for name in STUDIES if args.name == "all" else [args.name]:
+        if (args.out / name).exists():
+            # A study starts afresh: runs left in its folder would be resumed as finished.
+            print(f"{name}: replacing {args.out / name}")
+            shutil.rmtree(args.out / name)
         started = time.perf_counter()
         outcome = study(name).run(args.out / name, quick=args.quick)
         outcome.write(args.out / name)

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from distsgd.studies import runs
-from distsgd.studies.momentum import checkpointed
 
 TITLE = "Adaptive methods against SGD with momentum: digits, and the construction of Wilson et al. (2017)"
 ADAPTIVE = ("adagrad", "rmsprop", "adam")
@@ -193,7 +192,7 @@ def wilson_summary(results: dict[str, runs.Result], problem: WilsonProblem) -> d
     summary = {}
     min_norm, direction = problem.min_norm, problem.sign_direction
     for run_name in WILSON_LRS:
-        steps, states = checkpointed(results[f"wilson_{run_name}"])
+        steps, states = results[f"wilson_{run_name}"].checkpoints()
         weights = [state["1.weight"].double().numpy().ravel() for state in states]
         last = weights[-1]
         summary[run_name] = {

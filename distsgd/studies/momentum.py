@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from distsgd.studies import runs
 
@@ -117,17 +116,6 @@ def plan(problem: Quadratic, s: Setting) -> dict[str, list[str]]:
     }
 
 
-def checkpointed(result: runs.Result) -> tuple[np.ndarray, list[dict]]:
-    """The steps and model state dicts of a run's checkpoints (trainer.checkpoint_every with
-    trainer.keep_checkpoints=0 keeps them all), oldest first, last.pt included."""
-    found = {}
-    for path in (result.path / "checkpoints").glob("*.pt"):
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        found[state["step"]] = state["model"]
-    steps = sorted(found)
-    return np.array(steps), [found[step] for step in steps]
-
-
 def excess_curve(result: runs.Result, problem: Quadratic) -> tuple[np.ndarray, np.ndarray]:
     steps, loss = result.curve("train/loss")
     return steps, loss - problem.loss_opt
@@ -135,7 +123,7 @@ def excess_curve(result: runs.Result, problem: Quadratic) -> tuple[np.ndarray, n
 
 def low_curvature_curve(result: runs.Result, problem: Quadratic, directions: np.ndarray):
     """The excess loss in ``directions`` at step 0 (w = 0: model.init=zeros) and at each checkpoint."""
-    steps, states = checkpointed(result)
+    steps, states = result.checkpoints()
     weights = [np.zeros_like(problem.w_opt)] + [state["1.weight"].double().numpy().ravel() for state in states]
     return np.concatenate([[0], steps]), np.array([problem.excess(w, directions) for w in weights])
 

@@ -45,6 +45,16 @@ class Result:
     def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
         return self.curves.get(tag, (np.zeros(0, dtype=int), np.zeros(0)))
 
+    def checkpoints(self) -> tuple[np.ndarray, list[dict]]:
+        """The steps and model state dicts of the run's checkpoints, oldest first, last.pt
+        included (trainer.checkpoint_every with trainer.keep_checkpoints=0 keeps them all)."""
+        found = {}
+        for path in (self.path / "checkpoints").glob("*.pt"):
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            found[state["step"]] = state["model"]
+        steps = sorted(found)
+        return np.array(steps), [found[step] for step in steps]
+
 
 def command(run_dir: Path, overrides: Sequence[str]) -> str:
     """The distsgd-train command line that trains the same run."""
