@@ -201,13 +201,15 @@ def test_optimizer_keys_table_matches_what_the_optimizer_is_given(name):
             assert key not in optim.build_optimizer(OptimConfig(name=name), params, 0.1).param_groups[0], (name, key)
 
 
-NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh")
+NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh", bias=False, init="zeros")
 
 
 def _architecture(cfg: ModelConfig) -> list:
     task = "regression" if cfg.name == "linear" else "classification"
+    torch.manual_seed(0)  # so that the initial values tell model.init apart
     net = models.build(cfg, (1, 8, 8), 3, task)
-    return [(n, tuple(p.shape)) for n, p in net.named_parameters()] + [type(m).__name__ for m in net.modules()]
+    return [(n, tuple(p.shape), p.abs().sum().item()) for n, p in net.named_parameters()] + \
+        [type(m).__name__ for m in net.modules()]
 
 
 @pytest.mark.parametrize("name", MODELS)
