@@ -24,11 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
 
-from distsgd import data, models
-from distsgd.config import to_config
+from distsgd import data
 from distsgd.studies import runs
 
 TITLE = "Batch growth instead of learning-rate decay (Smith et al. 2017)"
@@ -94,7 +91,7 @@ def overrides(setting: Setting, name: str, seed: int) -> list[str]:
 
 
 def batch_schedule(result: runs.Result) -> data.BatchSchedule:
-    config = to_config(OmegaConf.load(result.path / ".hydra" / "config.yaml"))
+    config = result.config()
     return data.BatchSchedule.of(config.data, len(data.load(config.data).x_train))
 
 
@@ -102,21 +99,10 @@ def epochs_of(batches: data.BatchSchedule, steps: np.ndarray) -> np.ndarray:
     return np.array([float(batches.epochs_at(int(step))) for step in steps])
 
 
-def train_set_loss(result: runs.Result) -> float:
-    """The final model's mean loss over the whole training set (the logged one is a batch's)."""
-    state = torch.load(result.path / "checkpoints" / "last.pt", weights_only=True)
-    config = to_config(OmegaConf.create(state["config"]))
-    dataset = data.load(config.data)
-    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
-    model.load_state_dict(state["model"])
-    with torch.no_grad():
-        return float(models.loss_fn(dataset.task)(model(dataset.x_train), dataset.y_train))
-
-
 def summarize(setting: Setting, results: dict[str, list[runs.Result]]) -> dict:
     accuracy = {name: [r.final["val/accuracy"] if not r.diverged else float("nan") for r in rs]
                 for name, rs in results.items()}
-    train_loss = {name: [train_set_loss(r) if not r.diverged else float("nan") for r in rs]
+    train_loss = {name: [r.final_train_loss() if not r.diverged else float("nan") for r in rs]
                   for name, rs in results.items()}
     steps = {name: batch_schedule(rs[0]).first_step(setting.epochs) for name, rs in results.items()}
     return {"base_batch": BASE_BATCH, "lr": LR, "growth": GROWTH, "milestones": list(setting.milestones),

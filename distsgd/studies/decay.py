@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from distsgd.studies import runs
-from distsgd.studies.learning_rate import final_train_loss, model_and_training_set, quarter_decades, train_set_losses
 
 TITLE = "Learning-rate decay beats the best constant rate where SGD has a noise floor"
 
@@ -57,7 +56,7 @@ class Problem:
 
     @property
     def lrs(self) -> list[float]:
-        return quarter_decades(self.exponents)
+        return runs.quarter_decades(self.exponents)
 
 
 NOISE_FLOOR = Problem("logistic regression, noisy synthetic labels",
@@ -139,7 +138,7 @@ def train_curve_runs(out: Path, scale: Scale, numbers: dict) -> dict[str, runs.R
 def least_loss(result: runs.Result) -> float:
     """The least training-set loss of a run's convex model: full-batch L-BFGS in float64 from the
     run's final weights."""
-    model, x, y, loss_fn = model_and_training_set(result.path)
+    model, x, y, loss_fn = runs.model_and_training_set(result.config())
     model.load_state_dict(torch.load(result.path / "checkpoints" / "last.pt", weights_only=True)["model"])
     model, x = model.double(), x.double()
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
@@ -162,7 +161,7 @@ def summarize(key: str, problem: Problem, seeds: tuple[int, ...], results: dict[
     the best constant rate by more than the seed spread."""
     lrs = problem.lrs
     grid = {s: [[results[run_name(key, s, lr, seed)] for lr in lrs] for seed in seeds] for s in SCHEDULES}
-    final = {s: np.array([[final_train_loss(r) for r in row] for row in rows]) for s, rows in grid.items()}
+    final = {s: np.array([[r.final_train_loss() for r in row] for row in rows]) for s, rows in grid.items()}
     mean = {s: losses.mean(axis=0) for s, losses in final.items()}
     spread = {s: losses.max(axis=0) - losses.min(axis=0) for s, losses in final.items()}
     tuned = {s: int(np.argmin(mean[s])) for s in SCHEDULES}
@@ -192,7 +191,7 @@ def loss_curve(result: runs.Result, steps: int) -> tuple[np.ndarray, np.ndarray]
     directory = result.path / "checkpoints"
     paths = sorted(directory.glob("step_*.pt"))
     at = [int(path.stem.removeprefix("step_")) for path in paths] + [steps]
-    return np.array(at), np.array(train_set_losses(result.path, [*paths, directory / "last.pt"]))
+    return np.array(at), np.array(result.train_set_losses([*paths, directory / "last.pt"]))
 
 
 def plot_curves(path: Path, scale: Scale, numbers: dict, results: dict[str, runs.Result]) -> Path:

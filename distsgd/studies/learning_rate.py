@@ -27,18 +27,14 @@ range-test suggestion lies within a factor NEAR of the best grid rate.
 from __future__ import annotations
 
 import math
-import shlex
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from distsgd import data, lr_find, models
-from distsgd.config import CONF_DIR, to_config
+from distsgd import lr_find
+from distsgd.config import to_config
 from distsgd.studies import runs
 
 TITLE = "Learning rate: too low crawls, too high blows up, and the LR range test points near the best"
@@ -62,47 +58,11 @@ class Scale:
 
     @property
     def lrs(self) -> list[float]:
-        return quarter_decades(self.exponents)
-
-
-def quarter_decades(exponents: Sequence[int]) -> list[float]:
-    """The rates 10 ** (k / 4): four to a decade, evenly spaced on a log axis."""
-    return [10 ** (k / 4) for k in exponents]
+        return runs.quarter_decades(self.exponents)
 
 
 FULL = Scale(600, tuple(range(-12, 5)), (0, 1), workers=2)
 QUICK = Scale(150, (-8, -2, 2), (0,), workers=1)
-
-
-def model_and_training_set(run_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Callable]:
-    """A run's model as its config builds it (untrained), its whole training set as the model sees
-    it (inputs, targets), and its loss function."""
-    config = to_config(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
-    cpu = torch.device("cpu")
-    dataset = data.load(config.data).place(cpu, True, 0)
-    everything = torch.arange(len(dataset.x_train))
-    x, y = replace(dataset, x_val=dataset.x_train, y_val=dataset.y_train).val_batch(everything, cpu)
-    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task).eval()
-    return model, x, y, models.loss_fn(dataset.task)
-
-
-def train_set_losses(run_dir: Path, checkpoints: Sequence[Path]) -> list[float]:
-    """The mean loss over the whole training set of the model in each of a run's checkpoints
-    (train/loss is one batch's, too noisy to rank runs by)."""
-    model, x, y, loss_fn = model_and_training_set(run_dir)
-    losses = []
-    for path in checkpoints:
-        model.load_state_dict(torch.load(path, weights_only=True)["model"])
-        with torch.no_grad():
-            losses.append(loss_fn(model(x), y).item())
-    return losses
-
-
-def final_train_loss(result: runs.Result) -> float:
-    """The finished model's training-set loss; inf for a run that stopped on non-finite values."""
-    if result.diverged:
-        return math.inf
-    return train_set_losses(result.path, [result.path / "checkpoints" / "last.pt"])[0]
 
 
 def moving_average(steps: np.ndarray, values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,15 +81,7 @@ def blew_up(result: runs.Result) -> bool:
 def range_test(out: Path, name: str, overrides: Sequence[str]) -> dict:
     """distsgd's LR range test into ``out/runs/<name>``, as ``distsgd-lr-find`` would run it (its
     command goes into ``out/commands.sh``): the rates, the smoothed losses and both suggestions."""
-    run_dir = out / "runs" / name
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    # What Hydra would keep, so that distsgd-report lists the test with its config.
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
-    with (out / "commands.sh").open("a") as f:
-        f.write(shlex.join(["distsgd-lr-find", f"hydra.run.dir={run_dir}", *overrides]) + "\n")
+    cfg, run_dir = runs.prepare(out, name, overrides, program="distsgd-lr-find")
     sweep = lr_find.run(cfg, run_dir)
     suggestion = sweep.suggest(to_config(cfg).lr_find)  # run() raised if there is none
     runs.log.warning("%s: suggests %.3g (steepest descent), %.3g (lowest / 10)", name, suggestion.steepest,
@@ -160,7 +112,7 @@ def summarize(scale: Scale, results: dict[str, runs.Result], tests: list[dict]) 
     criterion's parts."""
     lrs = scale.lrs
     by_seed = {seed: [results[run_name(lr, seed)] for lr in lrs] for seed in scale.seeds}
-    losses = np.array([[final_train_loss(r) for r in row] for row in by_seed.values()])  # seeds x rates
+    losses = np.array([[r.final_train_loss() for r in row] for row in by_seed.values()])  # seeds x rates
     accuracy = np.array([[r.final.get("val/accuracy", math.nan) for r in row] for row in by_seed.values()])
     mean = losses.mean(axis=0)
     best = int(np.argmin(mean))

@@ -24,10 +24,9 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
 from distsgd import data
-from distsgd.config import CONF_DIR, to_config
+from distsgd.config import to_config
 from distsgd.studies import runs
 
 TITLE = "Linear scaling and warmup (Goyal et al. 2017)"
@@ -74,9 +73,7 @@ def run(out: Path, quick: bool = False) -> runs.Outcome:
 
 
 def training_samples(setting: Setting) -> int:
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*RECIPE, *setting.extra])
-    return len(data.load(to_config(cfg).data).x_train)
+    return len(data.load(to_config(runs.compose_config([*RECIPE, *setting.extra])).data).x_train)
 
 
 def overrides(setting: Setting, num_train: int, k: int, warmup: bool, seed: int, lr: float) -> list[str]:

@@ -8,9 +8,9 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -19,11 +19,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from distsgd import data, models
 from distsgd import train as trainer
-from distsgd.config import CONF_DIR
+from distsgd.config import CONF_DIR, Config, to_config
 from distsgd.metrics import read_scalars
 from distsgd.stopping import Stopped
 
@@ -45,6 +46,26 @@ class Result:
     def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
         return self.curves.get(tag, (np.zeros(0, dtype=int), np.zeros(0)))
 
+    def config(self) -> Config:
+        return to_config(OmegaConf.load(self.path / ".hydra" / "config.yaml"))
+
+    def train_set_losses(self, checkpoints: Sequence[Path]) -> list[float]:
+        """The mean loss over the whole training set of the model in each of ``checkpoints`` (of
+        this run): train/loss is one batch's, too noisy to rank runs by."""
+        model, x, y, loss_fn = model_and_training_set(self.config())
+        losses = []
+        for path in checkpoints:
+            model.load_state_dict(torch.load(path, weights_only=True)["model"])
+            with torch.no_grad():
+                losses.append(loss_fn(model(x), y).item())
+        return losses
+
+    def final_train_loss(self) -> float:
+        """The finished model's training-set loss; inf for a run that diverged."""
+        if self.diverged:
+            return math.inf
+        return self.train_set_losses([self.path / "checkpoints" / "last.pt"])[0]
+
     def checkpoints(self) -> tuple[np.ndarray, list[dict]]:
         """The steps and model state dicts of the run's checkpoints, oldest first, last.pt
         included (trainer.checkpoint_every with trainer.keep_checkpoints=0 keeps them all)."""
@@ -56,25 +77,43 @@ class Result:
         return np.array(steps), [found[step] for step in steps]
 
 
-def command(run_dir: Path, overrides: Sequence[str]) -> str:
-    """The distsgd-train command line that trains the same run."""
-    return shlex.join(["distsgd-train", f"hydra.run.dir={run_dir}", *overrides])
+def model_and_training_set(config: Config) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Callable]:
+    """The model as ``config`` builds it (untrained), its whole training set as the model sees it
+    (inputs, targets, on the CPU), and its loss function."""
+    cpu = torch.device("cpu")
+    dataset = data.load(config.data).place(cpu, True, 0)
+    everything = torch.arange(len(dataset.x_train))
+    x, y = replace(dataset, x_val=dataset.x_train, y_val=dataset.y_train).val_batch(everything, cpu)
+    model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task).eval()
+    return model, x, y, models.loss_fn(dataset.task)
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config that distsgd's commands compose from ``overrides`` of the shipped one."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def prepare(out: Path, name: str, overrides: Sequence[str], program: str = "distsgd-train") -> tuple[DictConfig, Path]:
+    """The config and folder (``out/runs/<name>``) of a run of ``program`` with ``overrides``; its
+    command line goes into ``out/commands.sh``, and its config where Hydra would keep it, so that
+    distsgd-report reads the run's config and overrides."""
+    run_dir = out / "runs" / name
+    cfg = compose_config(overrides)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
+    with (out / "commands.sh").open("a") as f:
+        f.write(shlex.join([program, f"hydra.run.dir={run_dir}", *overrides]) + "\n")
+    return cfg, run_dir
 
 
 def train(out: Path, name: str, overrides: Sequence[str]) -> Result:
     """Train ``overrides`` (Hydra overrides of the shipped config) into ``out/runs/<name>``, as
     ``distsgd-train`` would, and record the equivalent command in ``out/commands.sh``. A run that
     stops on non-finite values is a result (it diverged), not an error."""
-    run_dir = out / "runs" / name
     overrides = list(overrides)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    # What Hydra would keep, so that distsgd-report reads the run's config and overrides.
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-    with (out / "commands.sh").open("a") as f:
-        f.write(command(run_dir, overrides) + "\n")
+    cfg, run_dir = prepare(out, name, overrides)
     started = time.perf_counter()
     final, diverged = {}, None
     try:
@@ -112,6 +151,11 @@ def quiet() -> None:
     """Only each run's one summary line (and warnings) on the console."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("distsgd").setLevel(logging.WARNING)
+
+
+def quarter_decades(exponents: Sequence[int]) -> list[float]:
+    """The rates 10 ** (k / 4): four to a decade, evenly spaced on a log axis."""
+    return [10 ** (k / 4) for k in exponents]
 
 
 def first_step_at_or_below(steps: np.ndarray, values: np.ndarray, target: float) -> float:

@@ -1,0 +1,57 @@
+"""The reproduction studies' harness (distsgd.studies.runs and scripts/reproduce.py); each study's
+own claim is tested in tests/test_study_<name>.py."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+from conftest import make_config
+from omegaconf import OmegaConf
+
+from distsgd.studies import STUDIES, main, runs, study
+
+TINY = ["data.num_samples=256", "model.width=8", "trainer.max_steps=6", "trainer.log_every=2", "trainer.device=cpu"]
+
+
+def test_runs_train_as_their_recorded_commands_and_a_divergence_is_a_result(tmp_path):
+    results = runs.train_all(tmp_path, {"calm": [*TINY, "optim.lr=0.1"],
+                                        "stopped": [*TINY, "optim.lr=1e6", "trainer.max_consecutive_skips=2"],
+                                        "ended": [*TINY, "optim.lr=1e6"]})
+    calm, stopped, ended = results.values()
+    assert calm.diverged is None and set(calm.final) >= {"val/loss", "train/loss"}
+    steps, values = calm.curve("train/loss")
+    assert list(steps) == [0, 2, 4, 5] and np.isfinite(values).all()
+    assert stopped.final == {} and "stopped after 3 consecutive non-finite steps" in stopped.diverged
+    assert ended.final["train/skipped_steps"] > 0 and ended.diverged.startswith("ended with train/loss nan")
+    # Each command line, given to distsgd-train, composes the very config the run trained with.
+    commands = (tmp_path / "commands.sh").read_text().splitlines()
+    assert len(commands) == 3
+    for command, result in zip(commands, results.values()):
+        program, run_dir, *overrides = shlex.split(command)
+        assert (program, run_dir) == ("distsgd-train", f"hydra.run.dir={result.path}")
+        assert OmegaConf.load(result.path / ".hydra" / "config.yaml") == make_config(*overrides)
+    assert runs.first_step_at_or_below(steps, values, values[1]) == 2
+    assert runs.first_step_at_or_below(steps, values, -1.0) == float("inf")
+
+
+def test_an_outcome_writes_its_verdict_numbers_and_figure_links(tmp_path):
+    fig, axes = runs.figure(ncols=2)
+    axes[0, 0].plot([1, 2], [3, 4])
+    png = runs.save(fig, tmp_path / "curves.png")
+    runs.Outcome("A claim", "It held: 3 < 4.", True, {"steps": {"sgd": 4, "momentum": 3}}, [png]).write(tmp_path)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "numbers.json").read_text()) == {"steps": {"sgd": 4, "momentum": 3}}
+    assert (tmp_path / "verdict.md").read_text() == (
+        "# A claim\n\nIt held: 3 < 4.\n\nClaim holds at this scale.\n\n![curves](curves.png)\n")
+
+
+def test_every_study_is_importable_and_an_unknown_one_is_refused(capsys):
+    for name in STUDIES:
+        module = study(name)
+        assert module.TITLE and callable(module.run), name
+    with pytest.raises(SystemExit) as exit_:
+        main(["nonesuch"])
+    assert exit_.value.code == 2 and "invalid choice: 'nonesuch'" in capsys.readouterr().err
