@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from distsgd.studies import runs
 
     runs.quiet()
-    failed = []
     for name in STUDIES if args.name == "all" else [args.name]:
         if (args.out / name).exists():
             # A study starts afresh: runs left in its folder would be resumed as finished.
@@ -63,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         outcome.write(args.out / name)
         if (args.out / name / "runs").is_dir():
             report([args.out / name / "runs"], args.out / name / "report")
-        print(f"{name}: {'holds' if outcome.holds else 'DOES NOT HOLD'} ({time.perf_counter() - started:.0f} s); "
-              f"{args.out / name / 'verdict.md'}")
+        # A claim that does not hold at this scale is a finding, not an error: the exit code stays 0.
+        print(f"{name}: the claim {'holds' if outcome.holds else 'does not hold'} at this scale "
+              f"({time.perf_counter() - started:.0f} s); {args.out / name / 'verdict.md'}")
         print(outcome.verdict)
-        if not outcome.holds:
-            failed.append(name)
-    sys.exit(1 if failed else 0)
