@@ -44,7 +44,7 @@ from distsgd.metrics import BEST, flatten, read_scalars
 SEED = "trainer.seed"
 BATCH = "data.global_batch_size"
 LR_FIND_COLUMNS = ("lr", "loss", "smoothed_loss")
-# Beyond this many runs a figure of curves names none: a legend that long crowds out the plot.
+# Beyond this many lines a figure names none: a legend that long crowds out the plot.
 LEGEND_RUNS = 16
 
 
@@ -184,6 +184,15 @@ def _figure(panels: int) -> tuple[Figure, list]:
     return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
+def _legend(figure: Figure, ax, what: str) -> None:
+    """The legend of ``ax``, unless it has more than LEGEND_RUNS entries: then a line saying so."""
+    count = len(ax.get_legend_handles_labels()[0])
+    if count <= LEGEND_RUNS:
+        ax.legend(fontsize="small")
+    else:
+        figure.suptitle(f"{count} {what}, too many to name here: report.md lists the runs", fontsize="small")
+
+
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -254,10 +263,7 @@ def plot_curves(runs: Sequence[Run], keys: Sequence[str], axes_of: SampleAxes, o
         for ax, (name, _) in zip(axes, xs):
             ax.set(xlabel=name, ylabel=tag, title=tag)
             ax.grid(alpha=0.3)
-        if len(runs) <= LEGEND_RUNS:
-            axes[0].legend(fontsize="small")
-        else:
-            figure.suptitle(f"{len(runs)} runs, too many to name here: report.md lists them", fontsize="small")
+        _legend(figure, axes[0], "runs")
         figures[tag] = _save(figure, out / "curves" / f"{tag}.png")
     return figures
 
@@ -298,7 +304,7 @@ def plot_sweep(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], ou
             if not numeric:
                 ax.set_xticks(range(len(values)), [str(v) for v in values])
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize="small")
+        _legend(figure, axes[0], "lines")
         figures[key] = _save(figure, out / "sweep" / f"{key}.png")
     return figures
 
@@ -335,7 +341,7 @@ def plot_seeds(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], ou
             ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=f"C{color % 10}", alpha=0.2)
         ax.set(xlabel="step", ylabel=tag, title=f"{tag}: mean and range over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(figure, ax, "groups of seeds")
         figures[tag] = _save(figure, out / "seeds" / f"{tag}.png")
     return figures
 
@@ -351,7 +357,7 @@ def plot_lr_find(runs: Sequence[Run], keys: Sequence[str], out: Path) -> Path:
            title="LR range tests")
     if finite:  # a diverged loss can reach 1e30; the curves up to the stops are what matter
         ax.set_ylim(top=2 * max(finite))
-    ax.legend(fontsize="small")
+    _legend(figure, ax, "range tests")
     return _save(figure, out / "lr_find.png")
 
 

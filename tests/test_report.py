@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from distsgd import lr_find
 from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
 from distsgd.metrics import hparams_entry
-from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves
+from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves, plot_seeds, plot_sweep
 from distsgd.train import run
 
 COMMON = ["data.num_samples=256", "model.width=8", "trainer.max_steps=8", "trainer.log_every=2",
@@ -188,11 +188,16 @@ def test_report_errors_are_one_line(tmp_path, capsys):
                                        "tensorboard/ or lr_find.csv\n")
 
 
-def test_curves_of_many_runs_keep_their_plot_and_name_no_run(tmp_path):
-    runs = [Run(f"run{i}", tmp_path, {}, {}, {"train/loss": [ScalarEvent(0.0, s, 1.0 / (s + i + 1)) for s in range(3)]})
-            for i in range(80)]
+def test_figures_of_many_runs_keep_their_plot_and_name_no_run(tmp_path):
+    # 80 runs: 20 rates x 2 batch sizes x 2 seeds: 40 lines against the batch size, 40 pairs of seeds.
+    keys = ["optim.lr", "data.global_batch_size", "trainer.seed"]
+    runs = [Run(f"run{i}", tmp_path, {}, {"optim": {"lr": 0.01 * (1 + i % 20)}, "data": {"global_batch_size": 32 << i // 40},
+                                          "trainer": {"seed": i // 20 % 2}},
+                {"val/loss": [ScalarEvent(0.0, s, 1.0 / (s + i + 1)) for s in range(3)]}) for i in range(80)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        [path] = plot_curves(runs, [], SampleAxes(runs), tmp_path).values()
-    assert path.read_bytes().startswith(b"\x89PNG")
+        paths = [*plot_curves(runs, keys, SampleAxes(runs), tmp_path).values(),
+                 *plot_sweep(runs, keys, ["val/loss"], tmp_path).values(),
+                 *plot_seeds(runs, keys, ["val/loss"], tmp_path).values()]
+    assert len(paths) == 4 and all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
     assert not [w for w in caught if "constrained_layout" in str(w.message)]
