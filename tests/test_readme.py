@@ -141,3 +141,22 @@ def test_the_commands_are_found_as_a_shell_reads_them():
     assert compositions(["-m", "optim.lr=0.1,1", "model=mlp", "hydra.run.dir=x"]) == [
         ["optim.lr=0.1", "model=mlp"], ["optim.lr=1", "model=mlp"]]
     assert len(commands(README)) >= 15  # the README's own, so that a broken pattern cannot pass them all
+
+
+def anchor(heading: str) -> str:
+    """GitHub's id for a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", *(str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md")))])
+def test_every_link_of_a_page_leads_somewhere(page):
+    text = (REPO / page).read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (REPO / page).parent / path if path else REPO / page
+        assert linked.exists(), f"{page}: {target} names no file"
+        if fragment and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)
+            assert fragment in {anchor(h) for h in headings}, f"{page}: {target} names no heading"
