@@ -64,6 +64,9 @@ def test_the_wheel_holds_every_config_and_one_version(installed):
     shipped = {p.relative_to(CONF): p.read_text() for p in CONF.rglob("*.yaml")}
     packaged = {p.relative_to(site / "distsgd/conf"): p.read_text() for p in (site / "distsgd/conf").rglob("*.yaml")}
     assert packaged == shipped and len(shipped) > 30
+    # Every module of the package, its subpackages' too (packages are listed in pyproject.toml).
+    modules = {p.relative_to(REPO) for p in (REPO / "distsgd").rglob("*.py")}
+    assert {p.relative_to(site) for p in (site / "distsgd").rglob("*.py") if "conf" not in p.parts} == modules
     assert installed["wheel"].name == f"distsgd-{distsgd.__version__}-py3-none-any.whl"
     metadata, = site.glob("distsgd-*.dist-info/METADATA")
     assert re.search(r"^Version: (.+)$", metadata.read_text(), re.M)[1] == distsgd.__version__
