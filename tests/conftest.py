@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+
+from distsgd.distributed import Dist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,3 +80,30 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def on_two_gloo_ranks(work, root: Path, *args) -> list:
+    """``work(dist, root, *args)`` in 2 spawned processes, the ranks of one gloo group over a file
+    store in ``root`` (CPU, one thread each, stderr in root/rank<N>.stderr): faster to start than
+    torchrun. Returns what each rank's ``work`` returned (through root/results<N>.json)."""
+    torch.multiprocessing.spawn(gloo_rank, args=(work, root, args), nprocs=2)
+    return [json.loads((root / f"results{rank}.json").read_text()) for rank in range(2)]
+
+
+def gloo_rank(rank: int, work, root: Path, args: tuple) -> None:
+    """One process of ``on_two_gloo_ranks``."""
+    torch.set_num_threads(1)  # OpenMP threads only wait on each other on 2 shared cores
+    with open(root / f"rank{rank}.stderr", "w") as stderr, contextlib.redirect_stderr(stderr):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank,
+                                             world_size=2, timeout=timedelta(seconds=60))
+        try:
+            result = work(Dist(rank, 2, rank, torch.device("cpu")), root, *args)
+            # Neither rank tears its gloo group down while the other may still be in the last
+            # collective (gloo aborted one of them at exit: "terminate called without an active exception").
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+    (root / f"results{rank}.json").write_text(json.dumps(result))
+    # Everything under test is done and written. Interpreter shutdown of a spawned child holding
+    # gloo's and DDP's threads aborted now and then, which is no part of what any test checks.
+    os._exit(0)

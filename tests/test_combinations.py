@@ -20,20 +20,15 @@ BatchNorm, and for resnet each optimizer with sync_bn on and off.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import math
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed
-import torch.multiprocessing
-from conftest import CONF, make_config, read_scalars
+from conftest import CONF, make_config, on_two_gloo_ranks, read_scalars
 from test_resume import assert_bitwise_equal, interrupted_after
 
 from distsgd import batchnorm, data, distributed, models, resume
@@ -43,7 +38,6 @@ from distsgd.step import autocast
 from distsgd.train import train
 from distsgd.validate import validate
 
-WORLD_SIZE = 2
 STEPS, INTERRUPTED_AT = 4, 2
 # The factors under test and their values. Models and optimizer presets come from the package and
 # conf/, so that a new one joins the cases by itself (and fails DATA below until it has data).
@@ -160,47 +154,26 @@ def evaluate_saved(config: Config, dataset: data.Dataset, dist: Dist, path: Path
                     autocast(dist.device, config.trainer.precision))
 
 
-def run_cases(rank: int, configs: dict, root: Path) -> None:
-    """One process of the 2: every case, uninterrupted and resumed; rank 0 writes what it returned.
-    Its stderr (progress bars, warnings) goes to rank<N>.stderr in ``root``."""
-    torch.set_num_threads(1)  # as conftest: OpenMP threads only wait on each other on 2 shared cores
-    with open(root / f"rank{rank}.stderr", "w") as stderr, contextlib.redirect_stderr(stderr):
-        results = run_all(rank, configs, root)
-    if rank == 0:
-        (root / "results.json").write_text(json.dumps(results))
-    # Everything under test is done and written, the process group destroyed. Interpreter shutdown
-    # of a spawned child holding gloo's and DDP's threads aborted now and then ("terminate called
-    # without an active exception"), which is no part of what this test checks: skip it.
-    os._exit(0)
-
-
-def run_all(rank: int, configs: dict, root: Path) -> dict:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank,
-                                         world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    dist = Dist(rank, WORLD_SIZE, rank, torch.device("cpu"))
+def train_every_case(dist: Dist, root: Path, configs: dict) -> dict:
+    """One rank's part (conftest.on_two_gloo_ranks): every case, uninterrupted and resumed, and
+    the uninterrupted run's last.pt evaluated again."""
     datasets, results = {}, {}
-    try:
-        for name, config in configs.items():
-            key = repr(config.data)
-            if key not in datasets:
-                datasets[key] = data.load(config.data).place(dist.device, True, 0)
-            dataset = datasets[key]
-            try:
-                uninterrupted = train_in(config, dataset, dist, root / name / "uninterrupted")
-                if dist.is_main:
-                    interrupted_after(root / name / "uninterrupted", INTERRUPTED_AT, root / name / "resumed")
-                torch.distributed.barrier()
-                resumed = train_in(config, dataset, dist, root / name / "resumed")
-                reevaluated = evaluate_saved(config, dataset, dist, root / name / "uninterrupted/checkpoints/last.pt")
-            except Exception as err:
-                err.add_note(f"in case {name} (rank {rank}'s stderr: {root / f'rank{rank}.stderr'})")
-                raise
-            results[name] = {"uninterrupted": uninterrupted, "resumed": resumed, "reevaluated": reevaluated}
-        # Neither rank tears its gloo group down while the other may still be in the last collective
-        # (gloo aborted one of them at exit, "terminate called without an active exception").
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
+    for name, config in configs.items():
+        key = repr(config.data)
+        if key not in datasets:
+            datasets[key] = data.load(config.data).place(dist.device, True, 0)
+        dataset = datasets[key]
+        try:
+            uninterrupted = train_in(config, dataset, dist, root / name / "uninterrupted")
+            if dist.is_main:
+                interrupted_after(root / name / "uninterrupted", INTERRUPTED_AT, root / name / "resumed")
+            torch.distributed.barrier()
+            resumed = train_in(config, dataset, dist, root / name / "resumed")
+            reevaluated = evaluate_saved(config, dataset, dist, root / name / "uninterrupted/checkpoints/last.pt")
+        except Exception as err:
+            err.add_note(f"in case {name} (rank {dist.rank}'s stderr: {root / f'rank{dist.rank}.stderr'})")
+            raise
+        results[name] = {"uninterrupted": uninterrupted, "resumed": resumed, "reevaluated": reevaluated}
     return results
 
 
@@ -256,9 +229,7 @@ def test_pairwise_combinations_run_and_resume_bitwise(tmp_path):
 
     images = write_images(tmp_path / "images.npz")
     configs = {name_of(c): to_config(make_config(*overrides(c, images))) for c in cases}
-    torch.multiprocessing.spawn(run_cases, args=(configs, tmp_path), nprocs=WORLD_SIZE)
-
-    returned = json.loads((tmp_path / "results.json").read_text())
+    returned = on_two_gloo_ranks(train_every_case, tmp_path, configs)[0]
     problems = []
     for name in configs:
         try:

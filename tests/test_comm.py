@@ -8,17 +8,14 @@ holding its checkpoints up to K, as a run killed right after saving step K leave
 
 from __future__ import annotations
 
-import contextlib
 import json
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed
-import torch.multiprocessing
-from conftest import make_config, read_scalars
+from conftest import make_config, on_two_gloo_ranks, read_scalars
 from test_combinations import assert_same_values, train_in
 from test_resume import assert_bitwise_equal, interrupted_after
 
@@ -75,36 +72,28 @@ RUNS: dict[str, tuple[list[str], tuple[int, ...], float]] = {
 NAN_AT = 3
 
 
-def run_all(rank: int, root: Path) -> None:
-    torch.set_num_threads(1)  # as conftest: OpenMP threads only wait on each other on 2 shared cores
-    torch.distributed.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank,
-                                         world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    dist = Dist(rank, WORLD_SIZE, rank, torch.device("cpu"))
+def train_every_run(dist: Dist, root: Path) -> dict:
+    """One rank's part (conftest.on_two_gloo_ranks): every run, and its resumes."""
     models.build = hourglass
     built = []  # each run's Communication, to read torch's own PowerSGD statistics
     build = comm.build
     comm.build = lambda *args: built.append(build(*args)) or built[-1]
-    results = {}
-    try:
-        with open(root / f"rank{rank}.stderr", "w") as stderr, contextlib.redirect_stderr(stderr):
-            datasets = {}
-            for name, (overrides, resume_steps, min_rate) in RUNS.items():
-                config = to_config(make_config(*COMMON, *(o.format(nan_data=root / "nan.npz") for o in overrides)))
-                if config.data.name not in datasets:
-                    datasets[config.data.name] = data.load(config.data).place(dist.device, True, 0)
-                dataset = datasets[config.data.name]
-                comm.MIN_COMPRESSION_RATE = min_rate
-                results[name] = {"uninterrupted": train_in(config, dataset, dist, root / name / "uninterrupted")}
-                if name.startswith("powersgd"):
-                    results[name]["torch_compression"] = built[-1].state.compression_stats()[0]
-                for k in resume_steps:
-                    if dist.is_main:
-                        interrupted_after(root / name / "uninterrupted", k, root / name / f"resumed_{k}")
-                    torch.distributed.barrier()
-                    results[name][f"resumed_{k}"] = train_in(config, dataset, dist, root / name / f"resumed_{k}")
-    finally:
-        torch.distributed.destroy_process_group()
-    (root / f"results{rank}.json").write_text(json.dumps(results))
+    datasets, results = {}, {}
+    for name, (overrides, resume_steps, min_rate) in RUNS.items():
+        config = to_config(make_config(*COMMON, *(o.format(nan_data=root / "nan.npz") for o in overrides)))
+        if config.data.name not in datasets:
+            datasets[config.data.name] = data.load(config.data).place(dist.device, True, 0)
+        dataset = datasets[config.data.name]
+        comm.MIN_COMPRESSION_RATE = min_rate
+        results[name] = {"uninterrupted": train_in(config, dataset, dist, root / name / "uninterrupted")}
+        if name.startswith("powersgd"):
+            results[name]["torch_compression"] = built[-1].state.compression_stats()[0]
+        for k in resume_steps:
+            if dist.is_main:
+                interrupted_after(root / name / "uninterrupted", k, root / name / f"resumed_{k}")
+            torch.distributed.barrier()
+            results[name][f"resumed_{k}"] = train_in(config, dataset, dist, root / name / f"resumed_{k}")
+    return results
 
 
 def checkpoint(root: Path, name: str, file: str = "last.pt", run: str = "uninterrupted") -> dict:
@@ -132,8 +121,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict]:
     """(root, what each run returned on rank 0); rank 1's in root/results1.json."""
     root = tmp_path_factory.mktemp("comm")
     write_nan_data(root / "nan.npz")
-    torch.multiprocessing.spawn(run_all, args=(root,), nprocs=WORLD_SIZE)
-    return root, json.loads((root / "results0.json").read_text())
+    return root, on_two_gloo_ranks(train_every_run, root)[0]
 
 
 def test_hooks_change_the_result_as_much_as_their_maths_says(runs):
