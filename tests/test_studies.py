@@ -55,3 +55,15 @@ def test_every_study_is_importable_and_an_unknown_one_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["nonesuch"])
     assert exit_.value.code == 2 and "invalid choice: 'nonesuch'" in capsys.readouterr().err
+
+
+def test_a_study_under_torchrun_is_refused_with_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        main(["momentum", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "reproduce.py: error: a study runs in one process, not as one of 2 (torchrun or srun); run it with python, "
+        "and any of its commands.sh lines under torchrun")
+    assert not any(tmp_path.iterdir())

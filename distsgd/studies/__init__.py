@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from distsgd.distributed import launch_environment
+
 STUDIES = {
     "lr": "distsgd.studies.learning_rate",
     "decay": "distsgd.studies.decay",
@@ -44,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="folder for the study's folder (default: reproductions)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long version the tests run")
     args = parser.parse_args(argv)
+    world_size = launch_environment().world_size
+    if world_size > 1:
+        # Each rank would run the whole study and write the same folder.
+        parser.error(f"a study runs in one process, not as one of {world_size} (torchrun or srun); run it with "
+                     "python, and any of its commands.sh lines under torchrun")
     # The studies train small models, for which OpenMP threads on a few shared cores mostly wait
     # on each other; torchrun gives its workers one thread likewise.
     torch.set_num_threads(1)
