@@ -8,6 +8,7 @@ code path whatever the world size.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import re
@@ -201,6 +202,11 @@ def _group_store(launch: Launch, timeout: timedelta) -> dist.Store:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # A DDP module sits in reference cycles, so it outlives the run until a garbage collection,
+        # and with it its reducer, which holds the process group and its last work. Freed at
+        # interpreter exit, after the group is gone, gloo's threads aborted now and then
+        # ("terminate called without an active exception", SIGABRT after a successful run).
+        gc.collect()
         dist.destroy_process_group()
 
 
