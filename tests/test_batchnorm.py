@@ -9,6 +9,7 @@ would cost about 7 s, a start of the two processes about 3 s.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 from conftest import final_params, free_port, make_config, read_scalars
 
 from distsgd import checkpoint, data, distributed, models
@@ -55,11 +57,15 @@ def rank_main(rank: int, root: Path, runs: dict[str, list[str]], ports: list[int
     models.build = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
     for (name, overrides), port in zip(runs.items(), ports):
         os.environ["MASTER_PORT"] = str(port)  # a fresh store for each run's process group
+        gc.disable()  # so that what outlives the run is seen (distributed.shutdown collects)
         try:
             metrics = run(make_config(*overrides, "trainer.device=cpu", "trainer.collective_timeout_s=60"), root / name)
         except Exception as err:
             raise RuntimeError(f"run {name!r} failed on rank {rank}") from err
-        torch.save({"state": built[-1].state_dict(), "metrics": metrics}, root / name / f"rank{rank}.pt")
+        ddp_alive = sum(type(o) is DistributedDataParallel for o in gc.get_objects())
+        gc.enable()
+        torch.save({"state": built[-1].state_dict(), "metrics": metrics, "ddp_alive": ddp_alive},
+                   root / name / f"rank{rank}.pt")
 
 
 def rank_results(run_dir: Path) -> list[dict]:
@@ -193,6 +199,9 @@ def test_plain_batchnorm_val_curves_describe_the_saved_model_for_both_engines(ru
             # 1e-6: the float32 loss sums of a 64-sample shard and of the 128-sample set round apart.
             assert result["metrics"]["val/loss"] == pytest.approx(alone["val/loss"], rel=1e-6), (engine, rank)
             assert result["metrics"]["val/accuracy"] == alone["val/accuracy"], (engine, rank)
+            # DDP sits in reference cycles: left to the garbage collector, it (and its reducer,
+            # holding the gloo group) could be freed at interpreter exit, where gloo aborted.
+            assert result["ddp_alive"] == 0, (engine, rank)
     # Both engines: the same curves and the same final parameters and buffers.
     ddp, manual = read_scalars(runs / "ddp"), read_scalars(runs / "manual")
     for tag in ("val/loss", "val/accuracy", "train/loss"):
