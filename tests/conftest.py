@@ -41,6 +41,14 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 120)
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def launch_sweep(sweep_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A multirun as a user runs one under torchrun: one start-up for all the jobs, each job's
+    processes a process group of their own; job n in sweep_dir/n (n in the order of the values)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "distsgd.train", "-m", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import final_params, launch, make_config, read_scalars
+from conftest import final_params, launch_sweep, make_config, read_scalars
 
 from distsgd import data, models
 from distsgd.config import ConfigError, to_config
@@ -46,20 +46,19 @@ def test_noise_scale_estimates_the_true_gradient_norm_and_trace(tmp_path):
 
 def test_two_processes_measure_what_one_process_measures_with_micro_batches_and_resume_exactly(tmp_path):
     # 2 processes x 16 samples and 1 process x 2 micro-batches of 16 take the very same samples as
-    # their small batches, so every step's estimate agrees, for both engines; under DDP also when
-    # each rank takes its 16 in 2 micro-batches (the rank's gradient is measured once it is whole).
+    # their small batches, so every step's estimate agrees, for both engines, also when each rank
+    # takes its 16 in 2 micro-batches (the rank's gradient is measured once it is whole).
     common = FIXED + ["trainer.max_steps=30", "trainer.log_every=3", "trainer.checkpoint_every=12",
                       "diagnostics.noise_ema_samples=200", "diagnostics.layers=true"]
     run(make_config(*common, "trainer.accumulate=2"), tmp_path / "one")
-    for engine, accumulate in (("ddp", 2), ("manual", 1)):
-        done = launch(tmp_path / engine, *common, f"trainer.allreduce={engine}", f"trainer.accumulate={accumulate}",
-                      nproc=2)
-        assert done.returncode == 0, done.stderr[-3000:]
+    engines = ("ddp", "manual")
+    done = launch_sweep(tmp_path / "two", *common, f"trainer.allreduce={','.join(engines)}", "trainer.accumulate=1,2")
+    assert done.returncode == 0, done.stderr[-3000:]
     one = read_scalars(tmp_path / "one")
     layers = [tag for tag in one if tag.startswith("layers/")]
     assert len(layers) == 2 * 3  # weight and bias, three statistics each
-    for engine in ("ddp", "manual"):
-        two = read_scalars(tmp_path / engine)
+    for job, engine in enumerate(engine for engine in engines for _ in (1, 2)):
+        two = read_scalars(tmp_path / "two" / str(job))
         for tag in GNS + tuple(layers):
             assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == list(range(0, 30, 3)) + [29]
             assert [v for _, v in two[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-4), (engine, tag)

@@ -4,13 +4,11 @@ synchronized BatchNorm and streaming batches through a DataLoader, each against 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_params_close, final_params, launch, make_config, read_scalars, subprocess_env
+from conftest import assert_params_close, final_params, launch, launch_sweep, make_config, read_scalars
 from test_datasets import make_cifar
 
 from distsgd import data, models
@@ -156,23 +154,20 @@ def batchnorm_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("batchnorm")
     run(make_config(*BATCHNORM, "model.sync_bn=true"), root / "one")
     # Both 2-process runs in one torchrun, as a sweep: jobs 0 and 1 (true, false).
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distsgd.train",
-         "-m", "model.sync_bn=true,false", f"hydra.sweep.dir={root}", "hydra.sweep.subdir=two_${hydra.job.num}",
-         *BATCHNORM], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    done = launch_sweep(root / "two", "model.sync_bn=true,false", *BATCHNORM)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 
 
 def test_sync_bn_makes_a_batchnorm_model_world_size_invariant(batchnorm_runs):
-    one, two = final_params(batchnorm_runs / "one"), final_params(batchnorm_runs / "two_0")
+    one, two = final_params(batchnorm_runs / "one"), final_params(batchnorm_runs / "two" / "0")
     assert sum(k.endswith("running_var") for k in one) == 19  # the stem's and two per block
     # Parameters and BatchNorm buffers (running mean, variance, count) alike.
     assert_params_close(as_float(two), as_float(one), rtol=1e-5)
 
 
 def test_without_sync_bn_each_rank_normalizes_by_its_own_half(batchnorm_runs):
-    one, two = final_params(batchnorm_runs / "one"), final_params(batchnorm_runs / "two_1")
+    one, two = final_params(batchnorm_runs / "one"), final_params(batchnorm_runs / "two" / "1")
     assert max_relative_difference(two, one) > 1e-3
 
 

@@ -7,19 +7,23 @@ import math
 
 import pytest
 import torch
-from conftest import assert_params_close, final_params, launch, make_config, read_scalars
+from conftest import assert_params_close, final_params, launch, launch_sweep, make_config, read_scalars
+from omegaconf import OmegaConf
 from test_datasets import MNIST_FILES, make_cifar, make_mnist
 
 from distsgd.train import run
 
 
-@pytest.mark.parametrize("experiment", ["digits_mlp", "digits_cnn"])
-def test_digits_preset_reaches_95_percent_on_two_processes(tmp_path, experiment):
-    done = launch(tmp_path, f"experiment={experiment}", nproc=2)
+def test_digits_presets_reach_95_percent_on_two_processes(tmp_path):
+    experiments = ("digits_mlp", "digits_cnn")
+    done = launch_sweep(tmp_path, f"experiment={','.join(experiments)}")
     assert done.returncode == 0, done.stderr[-3000:]
-    step, accuracy = read_scalars(tmp_path)["val/accuracy"][-1]
-    assert step == torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"]  # after the last update
-    assert accuracy >= 0.95, f"experiment={experiment}: validation accuracy {accuracy:.4f} < 0.95"
+    for job, experiment in enumerate(experiments):
+        step, accuracy = read_scalars(tmp_path / str(job))["val/accuracy"][-1]
+        last = torch.load(tmp_path / str(job) / "checkpoints" / "last.pt", weights_only=True)
+        assert step == last["step"]  # after the last update
+        assert OmegaConf.create(last["config"]).model.name == experiment.removeprefix("digits_")  # the job's own
+        assert accuracy >= 0.95, f"experiment={experiment}: validation accuracy {accuracy:.4f} < 0.95"
 
 
 def test_mnist_files_train_end_to_end(tmp_path):
