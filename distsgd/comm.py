@@ -70,6 +70,9 @@ class Communication:
 
     def __init__(self, tc: TrainerConfig, params: list[torch.nn.Parameter]) -> None:
         self.tc, self.params = tc, params
+        # Bytes all-reduced per step with none, and with this hook once its warm-up is over.
+        self.full_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.hook_bytes = bytes_per_step(tc, params)
 
     def ddp_options(self) -> dict:
         """Arguments for DistributedDataParallel."""
@@ -105,12 +108,10 @@ class Communication:
         return {}
 
     def _ratio(self, compressed: bool) -> dict[str, float]:
-        full = sum(p.numel() * p.element_size() for p in self.params)
-        return {"comm/compression_ratio": full / bytes_per_step(self.tc, self.params) if compressed else 1.0}
+        return {"comm/compression_ratio": self.full_bytes / self.hook_bytes if compressed else 1.0}
 
     def describe(self) -> str:
-        full = sum(p.numel() * p.element_size() for p in self.params)
-        now = bytes_per_step(self.tc, self.params)
+        full, now = self.full_bytes, self.hook_bytes
         return (f"gradient communication: trainer.comm_hook={self.tc.comm_hook}, {now / 2**20:.4g} MiB all-reduced per "
                 f"step{self._after_warmup()} against {full / 2**20:.4g} MiB with none ({full / now:.3g}x less)")
 

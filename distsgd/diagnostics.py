@@ -54,6 +54,7 @@ class NoiseScale:
         self.pending: tuple | None = None  # (big_sq, grad_scale, big) of the step being carried
         self.ema = {"grad_sq": 0.0, "trace_cov": 0.0, "weight": 0.0}
         self.last = {"small_sq": math.nan, "big_sq": math.nan}
+        self.measuring = False  # in the backward of a step's last micro-batch (DDP: see watch)
 
     # -- measuring: micro_batch() after every micro-batch on one process; on several, the rank's
     #    gradient before it is averaged, by rank_gradient() (manual engine) or watch() (DDP).
@@ -61,7 +62,6 @@ class NoiseScale:
     def start_step(self) -> None:
         self.local.zero_()
         self.previous = None
-        self.measuring = False
 
     def micro_batch(self, grads: list[torch.Tensor]) -> None:
         """On one process: the micro-batch's own gradient is what it added to the accumulated one."""
