@@ -177,6 +177,11 @@ def load(cfg: DataConfig) -> Dataset:
     return _split(x, y, cfg.val_fraction, cfg.seed)
 
 
+def train_size(cfg: DataConfig) -> int:
+    """The training samples that ``cfg`` gives: what an epoch holds."""
+    return len(load(cfg).x_train)
+
+
 def _checked_root(cfg: DataConfig, reader):
     root = Path(cfg.root)
     if not root.is_dir():

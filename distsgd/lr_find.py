@@ -27,11 +27,9 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from distsgd import data, distributed, models, optim, train
+from distsgd import data, distributed, figures, models, optim, train
 from distsgd.config import CONF_DIR, Config, ConfigError, LrFindConfig, to_config
 from distsgd.distributed import Dist
 from distsgd.step import TrainStep
@@ -147,10 +145,7 @@ def write_csv(result: Sweep, path: Path) -> None:
 
 
 def plot(result: Sweep, suggestion: Suggestion | None, path: Path) -> None:
-    # A Figure with an Agg canvas of its own: drawn to a file, with no display and no pyplot state.
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    figure, ((ax,),) = figures.figure(width=7, height=4.5)
     ax.plot(result.lrs, result.losses, color="0.65", linewidth=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
     if suggestion is not None:
@@ -160,9 +155,7 @@ def plot(result: Sweep, suggestion: Suggestion | None, path: Path) -> None:
                    label=f"lowest smoothed loss / 10, {suggestion.lowest / 10:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="global batch loss",
            title=f"LR range test, global batch {result.global_batch}")
-    finite = [s for s in result.smoothed if math.isfinite(s)]
-    if finite:  # a diverged loss can reach 1e30; the curve up to the stop is what matters
-        ax.set_ylim(top=2 * max(finite))
+    figures.clamp_top(ax, result.smoothed)
     ax.legend()
     figure.savefig(path)
 

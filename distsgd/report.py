@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
+from distsgd import figures
 from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, ConfigError, key_in, to_config
 from distsgd.metrics import BEST, flatten, read_scalars
 
@@ -178,10 +178,8 @@ def write_csv(runs: Sequence[Run], path: Path) -> None:
 
 
 def _figure(panels: int) -> tuple[Figure, list]:
-    # A Figure with an Agg canvas of its own: drawn to a file, with no display and no pyplot state.
-    figure = Figure(figsize=(5.5 * panels, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+    figure, axes = figures.figure(ncols=panels, width=5.5, height=4)
+    return figure, list(axes[0])
 
 
 def _legend(figure: Figure, ax, what: str) -> None:
@@ -240,7 +238,7 @@ class SampleAxes:
             from distsgd import data
 
             try:
-                self.training_samples[key] = len(data.load(to_config(OmegaConf.create(run.tree)).data).x_train)
+                self.training_samples[key] = data.train_size(to_config(OmegaConf.create(run.tree)).data)
             except ConfigError:  # its data is not on this machine (or the run kept no config)
                 self.training_samples[key] = None
         return self.training_samples[key]
@@ -352,11 +350,9 @@ def plot_lr_find(runs: Sequence[Run], keys: Sequence[str], out: Path) -> Path:
         curve = run.lr_find
         ax.plot(curve["lr"], curve["loss"], color=f"C{color % 10}", alpha=0.3, linewidth=0.8)
         ax.plot(curve["lr"], curve["smoothed_loss"], color=f"C{color % 10}", label=label(run, keys))
-    finite = [v for run in runs for v in run.lr_find["smoothed_loss"] if math.isfinite(v)]
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="global batch loss (faint: unsmoothed)",
            title="LR range tests")
-    if finite:  # a diverged loss can reach 1e30; the curves up to the stops are what matter
-        ax.set_ylim(top=2 * max(finite))
+    figures.clamp_top(ax, [v for run in runs for v in run.lr_find["smoothed_loss"]])
     _legend(figure, ax, "range tests")
     return _save(figure, out / "lr_find.png")
 

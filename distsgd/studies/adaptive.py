@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distsgd import figures
 from distsgd.studies import runs
 
 TITLE = "Adaptive methods against SGD with momentum: digits, and the construction of Wilson et al. (2017)"
@@ -273,7 +274,7 @@ def _steps(value: float) -> str:
 
 
 def draw_digits(path: Path, results: dict[str, runs.Result], n: dict, d: Digits) -> Path:
-    fig, axes = runs.figure(ncols=3, width=4.2, height=3.2)
+    fig, axes = figures.figure(ncols=3, width=4.2, height=3.2)
     accuracy, loss, grid = axes[0]
     for method in d.methods:
         summary = n["digits"][method]
@@ -302,7 +303,7 @@ def draw_digits(path: Path, results: dict[str, runs.Result], n: dict, d: Digits)
 
 
 def draw_wilson(path: Path, results: dict[str, runs.Result], n: dict) -> Path:
-    fig, axes = runs.figure(ncols=2, width=5.4, height=3.8)
+    fig, axes = figures.figure(ncols=2, width=5.4, height=3.8)
     loss, accuracy = axes[0]
     w = n["wilson"]
     for run_name, lr in n["wilson_lrs"].items():

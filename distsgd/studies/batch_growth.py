@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distsgd import data
+from distsgd import data, figures
 from distsgd.studies import runs
 
 TITLE = "Batch growth instead of learning-rate decay (Smith et al. 2017)"
@@ -92,7 +92,7 @@ def overrides(setting: Setting, name: str, seed: int) -> list[str]:
 
 def batch_schedule(result: runs.Result) -> data.BatchSchedule:
     config = result.config()
-    return data.BatchSchedule.of(config.data, len(data.load(config.data).x_train))
+    return data.BatchSchedule.of(config.data, data.train_size(config.data))
 
 
 def epochs_of(batches: data.BatchSchedule, steps: np.ndarray) -> np.ndarray:
@@ -129,7 +129,7 @@ def matches(numbers: dict, name: str) -> bool:
 
 
 def plot(out: Path, results: dict[str, list[runs.Result]]) -> Path:
-    fig, axes = runs.figure(ncols=2, nrows=2)
+    fig, axes = figures.figure(ncols=2, nrows=2)
     for name, rs in results.items():
         batches = batch_schedule(rs[0])
         color, ls = STYLE[name]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from distsgd import figures
 from distsgd.studies import runs
 
 TITLE = "Critical batch size: steps to a target loss against the batch size, and the gradient noise scale"
@@ -188,7 +189,7 @@ def run(out: Path, quick: bool = False) -> runs.Outcome:
 def draw_front(out: Path, table: dict, numbers: dict) -> Path:
     """Steps to the target against the batch size with the fit and its asymptotes; the (E, S) front."""
     s_min, e_min, b_crit, b_simple = (numbers[k] for k in ("s_min", "e_min", "b_crit", "b_simple"))
-    fig, ((by_batch, front),) = runs.figure(ncols=2, width=5.5, height=4.2)
+    fig, ((by_batch, front),) = figures.figure(ncols=2, width=5.5, height=4.2)
     batches = np.array(sorted(table), dtype=float)
     steps = np.array([table[b]["steps"] for b in sorted(table)])
     for batch, row in table.items():
@@ -234,7 +235,7 @@ def plain_log_ticks(axis) -> None:
 def draw_noise(out: Path, table: dict, results: dict[str, runs.Result], numbers: dict) -> Path:
     """gns/b_simple along each batch size's best runs, with where they reached the target."""
     b_crit, b_simple = numbers["b_crit"], numbers["b_simple"]
-    fig, ((ax,),) = runs.figure(width=6.0, height=4.2)
+    fig, ((ax,),) = figures.figure(width=6.0, height=4.2)
     for i, (batch, row) in enumerate(sorted(table.items())):
         for k, (name, crossing, value) in enumerate(zip(row["runs"], row["crossings"], row["b_simple"])):
             steps, values = results[name].curve("gns/b_simple")

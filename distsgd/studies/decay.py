@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distsgd import figures
 from distsgd.studies import runs
 
 TITLE = "Learning-rate decay beats the best constant rate where SGD has a noise floor"
@@ -196,7 +197,7 @@ def loss_curve(result: runs.Result, steps: int) -> tuple[np.ndarray, np.ndarray]
 
 def plot_curves(path: Path, scale: Scale, numbers: dict, results: dict[str, runs.Result]) -> Path:
     """Per problem, the training-set loss of the runs ``curve_runs`` names (first seed), their rates beneath."""
-    fig, axes = runs.figure(ncols=len(scale.problems), nrows=2, width=5.2, height=3.0)
+    fig, axes = figures.figure(ncols=len(scale.problems), nrows=2, width=5.2, height=3.0)
     for column, (key, shown) in enumerate(curve_runs(numbers, scale).items()):
         problem, seed, least = scale.problems[key], scale.seeds[0], numbers[key]["least_loss"] or 0.0
         for schedule, lr, style in shown:
@@ -215,7 +216,7 @@ def plot_curves(path: Path, scale: Scale, numbers: dict, results: dict[str, runs
 def plot_finals(path: Path, scale: Scale, numbers: dict) -> Path:
     """Per problem, each schedule's final training-set loss against its initial rate: mean over
     seeds, bars from the lowest to the highest seed, a star at the tuned rate."""
-    fig, axes = runs.figure(ncols=len(scale.problems), width=5.6, height=3.8)
+    fig, axes = figures.figure(ncols=len(scale.problems), width=5.6, height=3.8)
     for ax, (key, problem) in zip(axes[0], scale.problems.items()):
         n = numbers[key]
         least, lrs = n["least_loss"] or 0.0, np.array(n["lrs"])

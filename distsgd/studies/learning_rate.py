@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distsgd import lr_find
+from distsgd import figures, lr_find
 from distsgd.config import to_config
 from distsgd.studies import runs
 
@@ -166,7 +166,7 @@ def verdict(n: dict) -> str:
 def plot_sweep(path: Path, n: dict) -> Path:
     """Final training loss and validation accuracy against the rate, and the range tests' curves,
     with the best grid rate, the band within x NEAR of it and the suggestions marked."""
-    fig, axes = runs.figure(ncols=3, width=4.6, height=3.8)
+    fig, axes = figures.figure(ncols=3, width=4.6, height=3.8)
     lrs, best = np.array(n["lrs"]), n["best_lr"]
     losses = np.array(n["final_train_loss_by_seed"])
     ceiling = 2 * np.nanmax(np.where(np.isfinite(losses), losses, np.nan))  # where non-finite runs are drawn
@@ -214,7 +214,7 @@ def plot_curves(path: Path, results: dict[str, runs.Result], n: dict) -> Path:
     picks = {lrs[0]: "lowest", min(lrs, key=lambda lr: abs(math.log(lr * 10 / best))): "a tenth of the best",
              best: "best", **({above[0]: "next higher"} if above else {}),
              **({failing[0]: "fails"} if failing else {})}
-    fig, axes = runs.figure(width=6.5, height=4.2)
+    fig, axes = figures.figure(width=6.5, height=4.2)
     ax = axes[0, 0]
     for color, (lr, label) in enumerate(sorted(picks.items())):
         steps, losses = results[run_name(lr, seed)].curve("train/loss")

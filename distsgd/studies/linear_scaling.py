@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distsgd import data
+from distsgd import data, figures
 from distsgd.config import to_config
 from distsgd.studies import runs
 
@@ -73,7 +73,7 @@ def run(out: Path, quick: bool = False) -> runs.Outcome:
 
 
 def training_samples(setting: Setting) -> int:
-    return len(data.load(to_config(runs.compose_config([*RECIPE, *setting.extra])).data).x_train)
+    return data.train_size(to_config(runs.compose_config([*RECIPE, *setting.extra])).data)
 
 
 def overrides(setting: Setting, num_train: int, k: int, warmup: bool, seed: int, lr: float) -> list[str]:
@@ -131,7 +131,7 @@ def last_epoch_loss(result: runs.Result, steps_per_epoch: int) -> float:
 
 
 def plot_finals(out: Path, numbers: dict) -> Path:
-    fig, axes = runs.figure(ncols=2)
+    fig, axes = figures.figure(ncols=2)
     base, tolerance = numbers["base_accuracy"], numbers["tolerance"]
     panels = ((axes[0, 0], "accuracy", "final val accuracy"), (axes[0, 1], "val_loss", "final val loss"))
     for ax, metric, label in panels:
@@ -155,7 +155,7 @@ def plot_finals(out: Path, numbers: dict) -> Path:
 
 
 def plot_curves(out: Path, setting: Setting, results: dict, num_train: int) -> Path:
-    fig, axes = runs.figure(ncols=2)
+    fig, axes = figures.figure(ncols=2)
     for (k, warmup, seed), result in sorted(results.items()):
         if k not in CURVE_KS:
             continue

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distsgd import figures
 from distsgd.studies import runs
 
 TITLE = "Momentum: heavy ball and Nesterov against SGD on an ill-conditioned quadratic"
@@ -217,7 +218,7 @@ STYLES = {"sgd": ("C0", "-"), "momentum": ("C1", "-"), "nesterov": ("C2", "-"), 
 
 
 def draw(path: Path, results: dict[str, runs.Result], problem: Quadratic, low: dict, n: dict) -> Path:
-    fig, axes = runs.figure(ncols=3, width=5.2, height=4.0)
+    fig, axes = figures.figure(ncols=3, width=5.2, height=4.0)
     plot_excess(axes[0][0], results, problem, n)
     plot_overdamped(axes[0][1], low, n)
     plot_steps(axes[0][2], list(results), n)

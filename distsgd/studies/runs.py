@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -162,13 +161,6 @@ def first_step_at_or_below(steps: np.ndarray, values: np.ndarray, target: float)
     """The first logged step whose value is <= target; inf when none is."""
     hits = np.flatnonzero(values <= target)
     return float(steps[hits[0]]) if len(hits) else math.inf
-
-
-def figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6):
-    """A matplotlib figure (no display needed) and its axes, one panel per (row, column)."""
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def save(fig: Figure, path: Path) -> Path:
