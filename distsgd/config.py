@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import time
 from dataclasses import MISSING, dataclass, field, fields
@@ -85,6 +86,18 @@ RESULT_NEUTRAL_KEYS = ("data.in_memory", "data.num_workers", "data.root", "train
                        "trainer.requeue", "diagnostics.")
 # Read by the LR range test alone: training's HParams entry and reports of training runs leave them out.
 LR_FIND_KEYS = ("lr_find.",)
+
+
+def hydra_override(key: str, value: object) -> str:
+    """``key=value`` as an argument that Hydra's override grammar reads back as exactly ``value``:
+    quoted unless it is a plain word or path, since the grammar gives ``=``, ``,``, ``~``, spaces,
+    brackets and quotes a meaning (a sweep job's folder is named ``optim.lr=0.1,trainer.seed=1``).
+    Inside quotes, the quote and the backslashes before a quote or at the end are escaped."""
+    text = str(value)
+    if re.fullmatch(r"[\w./-]+", text, re.ASCII):
+        return f"{key}={text}"
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return f"{key}='{escaped}'"
 
 
 def key_in(key: str, entries: tuple[str, ...]) -> bool:

@@ -264,3 +264,15 @@ def test_a_partial_torchrun_environment_is_an_error(env, message, monkeypatch):
     with pytest.raises(ConfigError, match=re.escape(message)):
         distributed.init("cpu")
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("value", ["multirun/2026-12-04_10-00-00/optim.lr=0.01,trainer.max_steps=40", "/plain/path-1.2",
+                                   "it's", "ends\\", "c:\\dir\\'q", "a b", "~/x", "[1,2]", "${x}", "é", ""])
+def test_hydra_override_reads_back_as_the_value(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from distsgd.config import hydra_override
+
+    argument = hydra_override("hydra.run.dir", value)
+    assert OverridesParser.create().parse_override(argument).value() == value
+    assert ("'" in argument) == (value != "/plain/path-1.2")
