@@ -417,15 +417,16 @@ def to_yaml(config: Config) -> str:
 
 
 @functools.cache  # one id per process, however often Hydra resolves the run dir
-def _run_id() -> str:
+def run_id() -> str:
+    """What names this run's folder (and a sweep's): the launcher's id of the job, else the time."""
     # torchrun gives every rank of a job (and every restart of it) the same run id, so all ranks
     # agree on one folder; ${now:} is read per process and could split a run in two. Likewise
     # every task of a SLURM job, and the job again when it is requeued (it keeps its id), so a
     # requeued job resumes where it stopped; torchrun's id comes first, as it is the one its
     # rendezvous (--rdzv-id) names.
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if run_id and run_id != "none":
-        return run_id
+    torchrun_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if torchrun_id and torchrun_id != "none":
+        return torchrun_id
     if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as SLURM's %A_%a
     if "SLURM_JOB_ID" in os.environ:
@@ -503,7 +504,7 @@ def register() -> None:
     ConfigStore.instance().store(name="distsgd_schema", node=Config)
     # Cached in the config: Hydra copies the cache into each job of a sweep, so jobs that a
     # launcher runs in other processes (submitit's) resolve the same sweep directory.
-    OmegaConf.register_new_resolver("distsgd_run_id", _run_id, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("distsgd_run_id", run_id, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("distsgd_output_subdir", _hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("distsgd_folder_name_excluded_keys", folder_name_excluded_keys, replace=True)
     OmegaConf.register_new_resolver("distsgd_job_folder", job_folder, replace=True)

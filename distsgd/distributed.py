@@ -9,7 +9,9 @@ code path whatever the world size.
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -222,6 +224,38 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def check_same_config(values: dict[str, object]) -> None:
+    """Raise the same ConfigError on every rank, naming the keys, where the flat ``values`` (the
+    resolved config, the run directory) differ between the ranks: such ranks would train different
+    models in one process group and average their gradients. A hash is compared first, so that a
+    run whose ranks agree pays for one small collective."""
+    if dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, values)
+    keys = sorted({key for ranks_values in every for key in ranks_values})
+    differing = []
+    for key in keys:
+        ranks_by_value: dict[str, list[int]] = {}
+        for rank, ranks_values in enumerate(every):
+            ranks_by_value.setdefault(repr(ranks_values.get(key)), []).append(rank)
+        if len(ranks_by_value) > 1:
+            differing.append(f"{key} (" + ", ".join(f"{value} on rank {_ranks(ranks)}"
+                                                   for value, ranks in ranks_by_value.items()) + ")")
+    raise ConfigError(f"the ranks were given different configs: {'; '.join(differing)}. Every rank must train the "
+                      "same config: a sampling sweeper needs the same seed on every rank (hydra.sweeper.sampler.seed), "
+                      "and ${now:} or ${oc.env:...} must resolve alike on every rank")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks[:4])) + (f",... ({len(ranks)} ranks)" if len(ranks) > 4 else "")
 
 
 def decided_by_rank0(decide):

@@ -166,6 +166,16 @@ class Throughput:
         return rate
 
 
+class OnRankZero(logging.Filter):
+    """Hydra's own console lines (the sweeper's, the launcher's) on rank 0 only: every rank of a
+    torchrun job runs Hydra, before any process group exists (conf/config.yaml, hydra_logging)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from distsgd.distributed import launch_rank
+
+        return launch_rank() == 0
+
+
 def quiet_console(is_main: bool) -> None:
     """Rank 0 alone talks on the console; every rank keeps everything in its own log file. Records
     logged with ``extra={"file_only": True}`` (stopping.FILE_ONLY) stay off the console."""

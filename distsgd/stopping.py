@@ -41,6 +41,30 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
+class Diverged(Stopped):
+    """The run stopped on non-finite values: in a sweep, a result like any other (objective inf)."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, message: str, step: int, checkpoint: Path):
+        super().__init__(message, self.EXIT_CODE)
+        self.step, self.checkpoint = step, checkpoint
+
+
+# Rank 0 writes it into the folder of a run that diverged; the report and the sweep's summary read it.
+DIVERGED_MARKER = "diverged.json"
+
+
+def mark_diverged(run_dir: Path, diverged: Diverged) -> None:
+    (run_dir / DIVERGED_MARKER).write_text(json.dumps(
+        {"step": diverged.step, "message": str(diverged), "checkpoint": str(diverged.checkpoint)}) + "\n")
+
+
+def clear_diverged(run_dir: Path) -> None:
+    """A run that starts again in the folder is no longer the diverged result the marker describes."""
+    (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)
+
+
 class StopSignal:
     """Remembers which of ``names`` (trainer.stop_signals: SIGTERM, what schedulers send at
     preemption, SIGUSR2, what SLURM sends before the time limit) arrived, until the next step ends.
@@ -201,7 +225,8 @@ hydra_errors = _HydraErrors()
 def run_as_command(run, cfg, run_dir: Path):
     """``run(cfg, run_dir)`` as the task of a command (train, lr_find): rank 0 alone talks on the
     console, and a mistake the user can fix or an early stop ends the process with its one line
-    and exit code (2, or the stop's) instead of a traceback."""
+    and exit code (2, or the stop's) instead of a traceback. In a multirun, a run that diverged is
+    one of the sweep's results: it returns None and the sweep goes on."""
     hydra_errors.release()
     is_main = distributed.launch_rank() == 0
     quiet_console(is_main)
@@ -212,4 +237,13 @@ def run_as_command(run, cfg, run_dir: Path):
         raise SystemExit(2) from None
     except Stopped as stop:
         report(str(stop), is_main)
+        if isinstance(stop, Diverged) and _in_multirun():
+            return None
         raise SystemExit(stop.exit_code) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

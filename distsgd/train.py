@@ -18,8 +18,9 @@ step t are measured after t updates.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -32,7 +33,8 @@ from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
 from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, flatten
 from distsgd.step import StepResult, TrainStep, autocast
-from distsgd.stopping import StopSignal, Stopped, hydra_errors, nonfinite_message, run_as_command, stopped_by_signal
+from distsgd.stopping import (Diverged, StopSignal, clear_diverged, hydra_errors, mark_diverged, nonfinite_message,
+                              run_as_command, stopped_by_signal)
 from distsgd.validate import RunningStats, validate
 
 log = logging.getLogger("distsgd")
@@ -50,6 +52,7 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> dict[str, float]:
     checkpoint.check_writable(run_dir / "checkpoints")
     dist = distributed.init(config.trainer.device, config.trainer.collective_timeout_s)
     try:
+        distributed.check_same_config({**flatten(asdict(config)), "run directory": str(run_dir)})
         # Only rank 0 reads and hashes the candidate checkpoints (they can be GBs).
         resume_from = distributed.decided_by_rank0(lambda: resume.choose(config.trainer, run_dir / "checkpoints"))
         dataset = dataset.place(dist.device, config.data.in_memory, config.data.num_workers)
@@ -135,6 +138,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
                         train_step, best)
     metrics: dict[str, float] = {}
     started = time.perf_counter()
+    if dist.is_main:
+        clear_diverged(run_dir)
     try:
         with StopSignal(tc.stop_signals) as stop:
             skipped = _loop(config, plan, dataset, dist, schedule, train_step, validation, save, logger, metrics,
@@ -142,6 +147,10 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         metrics.update(validation(plan.total_steps))
         logger.scalars(plan.total_steps, _group(metrics, "val/"))
         save(plan.total_steps, skipped, final=True)
+    except Diverged as diverged:
+        if dist.is_main:
+            mark_diverged(run_dir, diverged)
+        raise
     finally:
         # Also when a run stops early: its curves are closed and listed in the HParams dashboard.
         logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics, varied_keys())
@@ -188,7 +197,8 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
             skipped, consecutive = skipped + result.skipped, (consecutive + 1) * result.skipped
             if consecutive and (tc.nonfinite == "stop" or consecutive > tc.max_consecutive_skips):
                 save(step, skipped, final=False)
-                raise Stopped(nonfinite_message(step, result.loss, result.grad_norm, consecutive, tc, save.last_path), 3)
+                raise Diverged(nonfinite_message(step, result.loss, result.grad_norm, consecutive, tc, save.last_path),
+                               step, save.last_path)
             if logged:
                 _log_step(logger, metrics, step, result, lr, skipped, throughput, plan.batches)
             else:
@@ -222,8 +232,10 @@ def _group(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float:
     metrics = run_as_command(run, cfg, Path(HydraConfig.get().runtime.output_dir))
+    if metrics is None:  # diverged, in a multirun: ranked last by a sweeper that minimises
+        return math.inf
     return metrics.get("val/loss", metrics.get("train/loss"))  # the objective for sweepers
 
 

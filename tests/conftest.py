@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.experimental.callback import Callback
 
 from distsgd.distributed import Dist
 
@@ -47,6 +49,41 @@ def launch_sweep(sweep_dir: Path, *overrides: str, nproc: int = 2, timeout: floa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "distsgd.train", "-m", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_command(main, argv: list[str], monkeypatch) -> int | None:
+    """``main()`` (a console script's) with ``argv`` in this process; its exit code, None when it
+    returned. Hydra configures logging for each job: the root logger is given back as it was."""
+    monkeypatch.setattr(sys, "argv", argv)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        main()
+        return None
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+class JobReturns(Callback):
+    """A Hydra callback (``+hydra.callbacks.returns._target_=conftest.JobReturns``) that keeps each
+    job's return value, as the sweeper got it, in ``JobReturns.values``."""
+
+    values: list = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        JobReturns.values.append(job_return.return_value)
+
+
+def torchrun_report(output: str) -> tuple[str, str]:
+    """(what the workers printed, torchrun's failure report) of a failed torchrun job's output."""
+    workers, marker, report = output.partition("ChildFailedError")
+    assert marker, output[-3000:]
+    return workers, report
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,20 +52,27 @@ def test_bench_runs_both_loops_in_turns_and_checks_they_compute_the_same(baselin
 
 def test_a_sweep_under_torchrun_runs_every_job_on_every_rank_in_its_own_directory(tmp_path):
     # Every job joins a process group of its own in the same two processes; when each group did not
-    # have keys of its own in torchrun's store, a later job met an earlier one's and hung.
-    lrs = (0.01, 0.05, 0.1)
+    # have keys of its own in torchrun's store, a later job met an earlier one's and hung. The first
+    # job diverges: a result, after which the sweep goes on.
+    lrs = (3000, 0.01, 0.05)
+    common = ["data=synthetic_regression", "data.num_samples=256", "model=linear", "trainer.max_steps=8"]
     # timeout(1) ends a hung sweep with SIGTERM, on which torchrun stops its workers; the kill of
     # subprocess.run's own timeout would leave them behind, hung.
     done = subprocess.run(
         ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "distsgd.train", "-m", "optim.lr=" + ",".join(map(str, lrs)), f"hydra.sweep.dir={tmp_path}",
-         "data.num_samples=256", "trainer.max_steps=4", "model.width=8", "trainer.device=cpu"],
+         "-m", "distsgd.train", "-m", "optim.lr=" + ",".join(map(str, lrs)), f"hydra.sweep.dir={tmp_path}", *common,
+         "trainer.nonfinite=stop", "trainer.device=cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=180, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    for job, lr in enumerate(lrs):
-        run_dir = tmp_path / f"data.num_samples=256,model.width=8,optim.lr={lr},trainer.max_steps=4"
-        state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-        assert (state["step"], state["world_size"]) == (4, 2)
+    folders = [tmp_path / f"data.num_samples=256,data=synthetic_regression,model=linear,optim.lr={lr},"
+                          "trainer.max_steps=8,trainer.nonfinite=stop" for lr in lrs]
+    assert f"1 diverged (stopped on non-finite values, objective inf): {folders[0].name}. " in done.stdout
+    marker = json.loads((folders[0] / "diverged.json").read_text())
+    assert torch.load(marker["checkpoint"], weights_only=True)["world_size"] == 2
+    for job, (lr, run_dir) in enumerate(zip(lrs, folders)):
+        if job:
+            state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+            assert (state["step"], state["world_size"]) == (8, 2)
         assert read_scalars(run_dir)["train/lr"][0][1] == pytest.approx(lr, rel=1e-7)  # stored as float32
         for rank in (0, 1):
             assert str(run_dir) in (run_dir / f"rank{rank}.log").read_text(), f"rank {rank} did not log job {job}"

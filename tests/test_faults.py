@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import math
 import os
 import random
@@ -21,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_params_close, final_params, launch, make_config, read_scalars, subprocess_env
+from conftest import (REPO, assert_params_close, final_params, launch, make_config, read_scalars, run_command,
+                      subprocess_env, torchrun_report)
 from test_checkpoint import truncate
 
 from distsgd import checkpoint, data, models
 from distsgd.config import to_config
-from distsgd.train import Stopped, main, run
+from distsgd.stopping import Stopped
+from distsgd.train import main, run
 
 # 1024 samples, 20% for validation: 819 training samples, 25 global batches of 32 per epoch.
 # Long enough (a few seconds of steps) that a signal sent once step 20 is saved lands mid-run.
@@ -36,13 +37,6 @@ TOTAL = 300
 
 
 # ---------------------------------------------------------------- processes
-
-
-def torchrun_report(output: str) -> tuple[str, str]:
-    """(what the workers printed, torchrun's failure report) of a failed torchrun job's output."""
-    workers, marker, report = output.partition("ChildFailedError")
-    assert marker, output[-3000:]
-    return workers, report
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -553,26 +547,14 @@ def test_bad_invocations_fail_fast_with_one_clear_line_and_touch_no_checkpoint(b
     assert len(cases) >= 25
     watched = (bad_files["good"], bad_files["files"])
     before = _hashes(*watched)
-    root_logger = logging.getLogger()
     for i, (setup, overrides, expected) in enumerate(cases):
         run_dir = tmp_path / f"case{i}"
         place = _prepare(run_dir, setup, bad_files["good"])
         ours = _hashes(place)
-        handlers, level = list(root_logger.handlers), root_logger.level
-        monkeypatch.setattr(sys, "argv", ["distsgd-train", f"hydra.run.dir={run_dir}", *BAD_BASE, *overrides])
         started = time.monotonic()
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                main()
-        finally:
-            # Hydra configures logging for each job; give the next case (and test) the old one back.
-            for handler in set(root_logger.handlers) - set(handlers):
-                root_logger.removeHandler(handler)
-                handler.close()
-            root_logger.setLevel(level)
+        code = run_command(main, ["distsgd-train", f"hydra.run.dir={run_dir}", *BAD_BASE, *overrides], monkeypatch)
         captured = capsys.readouterr()
-        _check_failure(exit_info.value.code, time.monotonic() - started, captured.out + captured.err, expected,
-                       overrides or setup)
+        _check_failure(code, time.monotonic() - started, captured.out + captured.err, expected, overrides or setup)
         assert _hashes(place) == ours, overrides or setup
         assert not (run_dir / "tensorboard").exists(), overrides or setup
     assert _hashes(*watched) == before

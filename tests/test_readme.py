@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 
 from distsgd.config import to_config
 
@@ -88,7 +89,9 @@ def compositions(arguments: list[str]) -> list[list[str]]:
         key = override.get_key_element()
         if key.startswith("hydra.") and key != "hydra.searchpath":
             continue
-        if override.is_sweep_override():
+        if isinstance(override.value(), IntervalSweep):  # what a sampling sweeper draws from: both ends
+            choices.append([f"{key}={value}" for value in (override.value().start, override.value().end)])
+        elif override.is_sweep_override():
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])
@@ -140,6 +143,7 @@ def test_the_commands_are_found_as_a_shell_reads_them():
                                                                  "optim: {lr: 1}\n"}
     assert compositions(["-m", "optim.lr=0.1,1", "model=mlp", "hydra.run.dir=x"]) == [
         ["optim.lr=0.1", "model=mlp"], ["optim.lr=1", "model=mlp"]]
+    assert compositions(["-m", "optim.lr=tag(log,interval(0.001,1.0))"]) == [["optim.lr=0.001"], ["optim.lr=1.0"]]
     assert len(commands(README)) >= 15  # the README's own, so that a broken pattern cannot pass them all
 
 

@@ -84,9 +84,9 @@ def clean_slurm_env(monkeypatch):
     for var in os.environ:
         if var.startswith("SLURM_"):
             monkeypatch.delenv(var)
-    config._run_id.cache_clear()  # one id per process: each case here is a new process
+    config.run_id.cache_clear()  # one id per process: each case here is a new process
     yield monkeypatch
-    config._run_id.cache_clear()
+    config.run_id.cache_clear()
 
 
 @pytest.mark.parametrize("env,run_id", [
