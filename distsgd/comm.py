@@ -4,8 +4,10 @@ DDP communication hooks and model averager:
 - ``none``: DDP's all-reduce, the exact mean of the ranks' fp32 gradients.
 - ``fp16`` / ``bf16``: ``fp16_compress_hook`` / ``bf16_compress_hook``. Each bucket is cast to half
   precision, divided by the world size, summed over the ranks in that precision and cast back:
-  the averaged gradient is rounded (and so are the loss and stop flag that travel with it, see
-  step.WithStepStats).
+  the averaged gradient is rounded. The loss and stop flag, which travel in DDP's buckets under
+  ``none`` (step.WithStepStats), take their own all-reduce in full precision under this hook and
+  PowerSGD, whose rounding and error feedback would change them (a loss above fp16's 65504 would
+  become inf).
 - ``powersgd``: ``powerSGD_hook`` (Vogels et al. 2019). After ``powersgd_warmup_steps`` plain
   steps, each gradient tensor viewed as a matrix M (shape[0] x the rest) is replaced by a rank-r
   approximation P Q^T, one power-iteration step warm-started from the last step's Q; only P and Q
@@ -39,8 +41,9 @@ log = logging.getLogger("distsgd")
 
 # torch's default: a matrix is compressed only where P and Q take less than half of it.
 MIN_COMPRESSION_RATE = 2.0
-# What local SGD all-reduces every step besides the periodic average: the loss, the stop flag
-# and the gradient norm (float32), so that every rank still reaches the same verdict.
+# What the step all-reduces apart from the gradients where they cannot carry it (local SGD after
+# its warm-up; the hooks that round the mean): the loss, the stop flag and the gradient norm
+# (float32), so that every rank still reaches the same verdict on exact numbers.
 STEP_STATS_BYTES = 3 * 4
 
 
@@ -67,6 +70,10 @@ def build(tc: TrainerConfig, diagnostics: DiagnosticsConfig, params: list[torch.
 
 class Communication:
     """``none``: DDP's own all-reduce. The other hooks override what they change of a step."""
+
+    # Whether DDP's all-reduce under this hook is the exact mean of what the ranks send, so that
+    # the step's loss and stop flag may travel in its buckets (step.WithStepStats).
+    exact_mean = True
 
     def __init__(self, tc: TrainerConfig, params: list[torch.nn.Parameter]) -> None:
         self.tc, self.params = tc, params
@@ -122,6 +129,8 @@ class Communication:
 class Compression(Communication):
     """``fp16`` / ``bf16``: torch's compress hooks."""
 
+    exact_mean = False
+
     def observed(self) -> dict[str, float]:
         return self._ratio(compressed=True)
 
@@ -151,15 +160,16 @@ def compressed_rank(param: torch.Tensor, rank: int) -> int:
 
 
 def bytes_per_step(tc: TrainerConfig, params: list[torch.Tensor]) -> float:
-    """The bytes each rank all-reduces per step once warm-up is over, from the parameters' shapes
-    (the payload: a ring all-reduce sends about 2 (W - 1) / W times it)."""
+    """The bytes each rank all-reduces per step once warm-up is over, from the parameters' shapes,
+    the step statistics included where they travel apart (the payload: a ring all-reduce sends
+    about 2 (W - 1) / W times it)."""
     full = sum(p.numel() * p.element_size() for p in params)
     match tc.comm_hook:
         case "fp16" | "bf16":
-            return sum(p.numel() for p in params) * 2
+            return sum(p.numel() for p in params) * 2 + STEP_STATS_BYTES
         case "powersgd":
             return sum((sum(matrix_shape(p)) * r if (r := compressed_rank(p, tc.powersgd_rank)) else p.numel())
-                       * p.element_size() for p in params)
+                       * p.element_size() for p in params) + STEP_STATS_BYTES
         case "local_sgd":
             return full / tc.local_sgd_period + STEP_STATS_BYTES
     return full
@@ -189,6 +199,8 @@ class PowerSGD(Communication):
     buckets are then, a resumed run draws the same Qs as an uninterrupted one.
     """
 
+    exact_mean = False  # and its error feedback would carry the loss into the next step
+
     def __init__(self, tc: TrainerConfig, params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> None:
         super().__init__(tc, params)
         self.scaler = scaler
@@ -210,7 +222,7 @@ class PowerSGD(Communication):
         return {"bucket_cap_mb": sum(p.numel() * p.element_size() for p in self.params) / 2**20 + 1}
 
     def register(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
-        params = list(ddp.module.parameters())  # the model's and step.WithStepStats's
+        params = list(ddp.module.parameters())
         self.index = {id(p): i for i, p in enumerate(params)}
         self.matrices = [Matrix(p.numel(), *matrix_shape(p), compressed_rank(p, self.tc.powersgd_rank)) for p in params]
         ddp.register_comm_hook(self.state, self.hook)

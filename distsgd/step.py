@@ -3,7 +3,8 @@ the manual engine), unscaling, the gradient norm and clipping, the non-finite gu
 
 Each rank's loss and stop request travel with the gradients (``WithStepStats``), so a step adds
 no collective of its own, and its verdict (apply the update or skip it) is the same on every rank.
-Where gradients stay on their rank (local SGD, comm.py), one small all-reduce carries them instead.
+Where gradients stay on their rank (local SGD, comm.py), or where a communication hook rounds
+their mean (fp16, bf16, PowerSGD), one small all-reduce in full precision carries them instead.
 """
 
 from __future__ import annotations
@@ -93,27 +94,36 @@ class TrainStep:
         # outside torch.nn, so a model built of torch.nn containers (all of ours) would stay eager.
         # DDP's forward is active while the inner module compiles, so its graph is still split at
         # DDP's bucket boundaries (DDPOptimizer).
+        net = torch.compile(model) if tc.compile else model
+        self.comm = comm.build(tc, diagnostics, self.params, optimizer, scaler)
+        self.ddp = None
+        # A hook that rounds the mean (fp16, bf16, PowerSGD) must not round the loss and stop flag
+        # too (a loss above 65504 became inf in fp16): outside DDP, they take their own all-reduce.
+        self.stats_apart = tc.allreduce == "ddp" and not self.comm.exact_mean
+        if self.stats_apart:
+            net = self.ddp = self._wrap(net, dist)
         # Several ranks: the noise scale's measurement rides in the next step's stats all-reduce.
         self.carries = self.noise is not None and dist.world_size > 1
-        self.net = self.stats = WithStepStats(torch.compile(model) if tc.compile else model, dist.device,
-                                              carried=int(self.carries))
+        self.net = self.stats = WithStepStats(net, dist.device, carried=int(self.carries))
         self.buckets = None
-        self.comm = comm.build(tc, diagnostics, self.params, optimizer, scaler)
         if tc.allreduce == "ddp":
-            # Gradients as views into DDP's all-reduce buckets: the averaged gradients are not copied
-            # out of the buckets every step (the values are the same). Buffers stay each rank's own,
-            # as with the manual engine: batchnorm.py's rule makes them agree before use.
-            self.net = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS,
-                                               **self.comm.ddp_options())
+            if not self.stats_apart:
+                self.net = self.ddp = self._wrap(self.net, dist)
             if self.noise is not None and dist.world_size > 1:
                 # The rank's own gradient exists only until DDP averages it in place.
                 self.noise.watch(self.params)
-            self.comm.register(self.net)
+            self.comm.register(self.ddp)
         else:
             distributed.broadcast_parameters(self.net)
             self.buckets = distributed.make_buckets(list(self.net.parameters()), int(tc.bucket_mb * 2**20))
         self.world_size = dist.world_size
+
+    def _wrap(self, module: torch.nn.Module, dist: Dist) -> DistributedDataParallel:
+        # Gradients as views into DDP's all-reduce buckets: the averaged gradients are not copied
+        # out of the buckets every step (the values are the same). Buffers stay each rank's own,
+        # as with the manual engine: batchnorm.py's rule makes them agree before use.
+        return DistributedDataParallel(module, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True, **RANK_LOCAL_BUFFERS, **self.comm.ddp_options())
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, stop: bool, observe: bool = False) -> StepResult:
         """``observe``: measure what is logged only on logged steps (per-layer statistics)."""
@@ -134,7 +144,7 @@ class TrainStep:
             clip_grads_with_norm_(self.params, self.tc.clip_grad_norm, grad_norm)
         # Averaged with the gradients (or apart from them, where they stay local), these are the
         # same numbers on every rank, and so is the verdict.
-        local = self.world_size if self.comm.gradients_local() else 1
+        local = self.world_size if self.comm.gradients_local() or self.stats_apart else 1
         loss, stop_requested, *noise, norm = self.stats.read(*self._noise_read(), grad_norm, world_size=local)
         # With fp16 a non-finite gradient from a finite loss is the scaler's routine overflow.
         skipped = not (math.isfinite(loss) and (math.isfinite(norm) or self.scaler.is_enabled()))
@@ -195,7 +205,7 @@ class TrainStep:
             sync = i == accumulate - 1 or self.buckets is not None
             if self.noise is not None:
                 self.noise.start_micro_batch(last=i == accumulate - 1)
-            with (nullcontext() if sync else self.net.no_sync()), self.autocast:
+            with (nullcontext() if sync else self.ddp.no_sync()), self.autocast:
                 micro_loss = self.loss_fn(self.net(xm), ym) / accumulate
             carried = self.noise.carried(first=i == 0) if self.carries else ()
             (self.scaler.scale(micro_loss) + self.stats.attach(micro_loss, stop, *carried)).backward()

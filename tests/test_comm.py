@@ -70,15 +70,25 @@ RUNS: dict[str, tuple[list[str], tuple[int, ...], float]] = {
                        "data.path={nan_data}"], (), comm.MIN_COMPRESSION_RATE),
 }
 NAN_AT = 3
+# The loss of a noisy least-squares problem, about 1.6e5 at first: above float16's largest value,
+# 65504, while its gradients (norm ~300) are well within float16's range.
+BIG_LOSS = ["data=synthetic_regression", "model=linear", "data.dim=8", "data.noise=400", "data.num_samples=1024",
+            "optim.lr=1e-4", "trainer.max_steps=20", "trainer.device=cpu", "trainer.log_every=1"]
+BIG_RUNS = {"big_none": [], "big_fp16": ["trainer.comm_hook=fp16"],
+            "big_powersgd": ["trainer.comm_hook=powersgd", "trainer.powersgd_warmup_steps=2"]}
 
 
 def train_every_run(dist: Dist, root: Path) -> dict:
     """One rank's part (conftest.on_two_gloo_ranks): every run, and its resumes."""
+    results = {}
+    for name, overrides in BIG_RUNS.items():
+        config = to_config(make_config(*BIG_LOSS, *overrides))
+        train_in(config, data.load(config.data).place(dist.device, True, 0), dist, root / name)
     models.build = hourglass
     built = []  # each run's Communication, to read torch's own PowerSGD statistics
     build = comm.build
     comm.build = lambda *args: built.append(build(*args)) or built[-1]
-    datasets, results = {}, {}
+    datasets = {}
     for name, (overrides, resume_steps, min_rate) in RUNS.items():
         config = to_config(make_config(*COMMON, *(o.format(nan_data=root / "nan.npz") for o in overrides)))
         if config.data.name not in datasets:
@@ -129,11 +139,11 @@ def test_hooks_change_the_result_as_much_as_their_maths_says(runs):
     none = checkpoint(root, "none")["model"]
     moved = relative_difference(checkpoint(root, "none", "step_00000002.pt")["model"], none)
     assert moved > 1e-2  # the model does move: the bounds below mean something
-    # fp16: each averaged gradient rounded to 11 significant bits (relative error <= 2^-11 ~ 5e-4),
-    # and so is the loss that travels with it.
-    fp16 = results["fp16"]["uninterrupted"]
+    # fp16: each averaged gradient rounded to 11 significant bits (relative error <= 2^-11 ~ 5e-4);
+    # the loss travels apart, unrounded: at step 0, before any rounded update, it is none's exactly.
     assert 0 < relative_difference(checkpoint(root, "fp16")["model"], none) < 1e-3
-    assert fp16["train/loss"] == pytest.approx(results["none"]["uninterrupted"]["train/loss"], rel=1e-3)
+    losses = {name: [v for _, v in read_scalars(root / name / "uninterrupted")["train/loss"]] for name in ("none", "fp16")}
+    assert losses["fp16"][0] == losses["none"][0] and losses["fp16"] == pytest.approx(losses["none"], rel=1e-3)
     # Local SGD at H=1: its synchronous warm-up is DDP's all-reduce, bitwise; after it, SGD with
     # momentum is linear in the gradient, so averaging the parameters after each local step equals
     # averaging the gradients before it, but for rounding.
@@ -144,22 +154,34 @@ def test_hooks_change_the_result_as_much_as_their_maths_says(runs):
     # the error feedback of each rank (its gradient minus the mean) cancels in the mean.
     assert relative_difference(checkpoint(root, "powersgd_full")["model"], none) < 1e-4
     # At rank 1 it really compresses: the ratio torch counted is the one distsgd logs.
-    params = [torch.zeros(2), *hourglass().parameters()]  # step.WithStepStats's 2 floats are in the buckets too
+    params = list(hourglass().parameters())  # step.WithStepStats's floats travel apart, not in the buckets
     config = to_config(make_config(*COMMON, *RUNS["powersgd_r1"][0])).trainer
-    ratio = sum(p.numel() * 4 for p in params) / comm.bytes_per_step(config, params)
+    ratio = sum(p.numel() * 4 for p in params) / (comm.bytes_per_step(config, params) - comm.STEP_STATS_BYTES)
     assert results["powersgd_r1"]["torch_compression"] == pytest.approx(ratio, rel=1e-12)
     assert ratio > 7
     assert relative_difference(checkpoint(root, "powersgd_r1")["model"], none) > 1e-3
     # Logged at every step here, the ratio for the model's gradients: 1 until compression starts
-    # (warm-up of 2 steps); fp16 halves them; local SGD after its 1 synchronous step sends the
-    # loss, flag and norm each step and the parameters every second one.
+    # (warm-up of 2 steps); fp16 halves them; both send the loss, flag and norm apart; local SGD
+    # after its 1 synchronous step sends those each step and the parameters every second one.
     def logged_ratio(name: str) -> list[float]:
         return [v for _, v in read_scalars(root / name / "uninterrupted")["comm/compression_ratio"]]
-    full = sum(p.numel() * 4 for p in params[1:])
-    assert logged_ratio("powersgd_r1") == pytest.approx([1, 1] + [full / comm.bytes_per_step(config, params[1:])] * 4)
-    assert logged_ratio("fp16") == pytest.approx([2] * STEPS)
+    full = sum(p.numel() * 4 for p in params)
+    assert logged_ratio("powersgd_r1") == pytest.approx([1, 1] + [full / comm.bytes_per_step(config, params)] * 4)
+    assert logged_ratio("fp16") == pytest.approx([full / (full / 2 + 12)] * STEPS)
     assert logged_ratio("local_sgd_h2") == pytest.approx([1] + [full / (full / 2 + 12)] * (STEPS - 1))
     assert "comm/compression_ratio" not in read_scalars(root / "none" / "uninterrupted")
+
+
+def test_step_statistics_travel_unrounded_whatever_the_hook_does_to_gradients(runs):
+    root, _ = runs
+    curves = {name: read_scalars(root / name) for name in BIG_RUNS}
+    losses = {name: [v for _, v in curve["train/loss"]] for name, curve in curves.items()}
+    assert len(losses["big_none"]) == 20 and all(65504 < loss < 1e6 for loss in losses["big_none"])
+    for name in ("big_fp16", "big_powersgd"):
+        # Every step trained (fp16 turned the loss into inf and skipped them), at the exact loss.
+        assert curves[name]["train/skipped_steps"][-1][1] == 0, name
+        assert losses[name][0] == losses["big_none"][0], name
+        assert losses[name] == pytest.approx(losses["big_none"], rel=1e-3), name
 
 
 @pytest.mark.parametrize("name", ["powersgd_nan", "local_sgd_nan"])
@@ -197,7 +219,8 @@ def test_checkpoints_hold_what_differs_between_the_ranks(runs):
     momenta = [rank["optimizer"]["state"][0]["momentum_buffer"] for rank in saved["comm"]]
     assert not torch.equal(*momenta)
     powersgd = [rank["powersgd"] for rank in checkpoint(root, "powersgd_r1", "step_00000004.pt")["comm"]]
-    assert powersgd[0]["error"].keys() == powersgd[1]["error"].keys() and len(powersgd[0]["error"]) == 11
+    # One error per parameter of the model (10); the step statistics travel apart.
+    assert powersgd[0]["error"].keys() == powersgd[1]["error"].keys() and len(powersgd[0]["error"]) == 10
     assert not torch.equal(powersgd[0]["error"][0], powersgd[1]["error"][0])  # each rank's own error
     assert "comm" not in checkpoint(root, "none") and "comm" not in checkpoint(root, "fp16")
 
