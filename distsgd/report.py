@@ -13,7 +13,9 @@ runs, those that training never reads (LR_FIND_KEYS). Written into DIR (default
 
 - ``scalars.csv``: one row per run, tag, step: value, wall time, then the run's overrides;
 - ``figures/curves/<tag>.png``: every run's curve against step, and against samples seen and
-  epochs (samples seen / training samples) where the runs differ in batch size;
+  epochs where the runs differ in batch size or a run's batch grows (a point logged at step t at
+  the samples of the t updates before it, epochs as the trainer counts them; both exact from the
+  run's config, or read off its train/samples curve where it kept no config);
 - ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds;
 - ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``;
 - ``figures/lr_find.png``: the LR range tests' curves;
@@ -30,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -40,6 +43,9 @@ from omegaconf import OmegaConf
 from distsgd import figures
 from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, ConfigError, key_in, to_config
 from distsgd.metrics import BEST, flatten, read_scalars
+
+if TYPE_CHECKING:
+    from distsgd.data import BatchSchedule
 
 SEED = "trainer.seed"
 BATCH = "data.global_batch_size"
@@ -198,50 +204,62 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 class SampleAxes:
-    """Samples seen and epochs at a run's steps, where the runs differ in batch size."""
+    """Samples seen and epochs at a run's steps, where the runs differ in batch size or a run's
+    batch grows. A point logged at step t sits at the samples of updates 0..t-1 on every axis: a
+    val/* point was measured after t updates, a train/* point (which describes update t) before it."""
 
     def __init__(self, runs: Sequence[Run]):
         batches = {run.config.get(BATCH) for run in runs}
-        self.wanted = len(batches) > 1 or any(self._scheduled(run) for run in runs)
-        self.training_samples: dict[str, int | None] = {}
+        self.wanted = len(batches) > 1 or any(
+            len({p.value for p in run.curves.get("train/global_batch_size", [])}) > 1 for run in runs)
+        self.schedules: dict[str, BatchSchedule | None] = {}
+
+    def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        schedule = self._schedule(run)
+        if schedule is not None:
+            return np.array([schedule.samples_before(int(step)) for step in steps], dtype=float)
+        return self._logged_samples(run, steps)
+
+    def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        """Epochs as the trainer counts them (each epoch drops its last partial batch), exact."""
+        schedule = self._schedule(run)
+        if schedule is None:
+            return None
+        return np.array([float(schedule.epochs_at(int(step))) for step in steps])
+
+    def _schedule(self, run: Run) -> BatchSchedule | None:
+        """The run's batch schedule, from its config and its dataset's size (None without a config,
+        or when its data is not on this machine)."""
+        if not run.tree:
+            return None
+        key = repr(run.tree.get("data"))
+        if key not in self.schedules:
+            from distsgd import data  # torch: only for the reports that draw these axes
+
+            try:
+                cfg = to_config(OmegaConf.create(run.tree)).data
+                self.schedules[key] = data.BatchSchedule.of(cfg, data.train_size(cfg))
+            except ConfigError:
+                self.schedules[key] = None
+        return self.schedules[key]
 
     @staticmethod
-    def _seen(run: Run) -> tuple[list[int], list[float]] | None:
-        """(steps, samples seen before each): train/samples counts update t's own batch too."""
+    def _logged_samples(run: Run, steps: np.ndarray) -> np.ndarray | None:
+        """Samples before each step, from train/samples (which counts update t's own batch, so it
+        is also the samples before step t + 1), linear between the logged steps and beyond them
+        at the nearest logged batch."""
         samples, batches = run.curves.get("train/samples"), run.curves.get("train/global_batch_size")
         if not samples or not batches:
             return None
-        return [p.step for p in samples], [p.value - b.value for p, b in zip(samples, batches)]
-
-    @classmethod
-    def _scheduled(cls, run: Run) -> bool:
-        # Samples seen that are not step x batch (up to float32 rounding): the batch changes during the run.
-        batch, seen = run.config.get(BATCH) or 0, cls._seen(run)
-        return seen is not None and any(abs(value - step * batch) > 1e-6 * max(1, step * batch)
-                                        for step, value in zip(*seen))
-
-    def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
-        seen = self._seen(run)
-        if seen is not None:
-            return np.interp(steps, *seen)
-        return steps * run.config[BATCH] if BATCH in run.config else None
-
-    def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
-        samples, size = self.samples(run, steps), self._training_samples(run)
-        return samples / size if samples is not None and size else None
-
-    def _training_samples(self, run: Run) -> int | None:
-        key = repr(run.tree.get("data"))
-        if not run.tree:
-            return None
-        if key not in self.training_samples:
-            from distsgd import data
-
-            try:
-                self.training_samples[key] = data.train_size(to_config(OmegaConf.create(run.tree)).data)
-            except ConfigError:  # its data is not on this machine (or the run kept no config)
-                self.training_samples[key] = None
-        return self.training_samples[key]
+        before = {}
+        for point, batch in zip(samples, batches):
+            before[point.step], before[point.step + 1] = point.value - batch.value, point.value
+        known = np.array(sorted(before), dtype=float)
+        seen = np.array([before[step] for step in sorted(before)])
+        inside = np.interp(steps, known, seen)
+        after = seen[-1] + (steps - known[-1]) * batches[-1].value
+        ahead = seen[0] - (known[0] - steps) * batches[0].value
+        return np.where(steps > known[-1], after, np.where(steps < known[0], ahead, inside))
 
 
 def plot_curves(runs: Sequence[Run], keys: Sequence[str], axes_of: SampleAxes, out: Path) -> dict[str, Path]:

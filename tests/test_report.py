@@ -136,9 +136,38 @@ def test_samples_seen_and_epochs_follow_each_runs_batch_size(study):
     axes = SampleAxes(list(runs.values()))
     steps = np.array([0.0, 4.0])
     assert axes.wanted
-    # 256 samples, 51 of them for validation: 205 training samples.
+    # 256 samples, 51 of them for validation: 205 training samples, an epoch of 3 steps at batch 64
+    # (the trainer drops the last partial batch): step 4 is step 1 of epoch 1.
     assert axes.samples(runs[32], steps).tolist() == [0, 128]
-    assert axes.epochs(runs[64], steps).tolist() == [0, 256 / 205]
+    assert axes.epochs(runs[64], steps).tolist() == [0, 1 + 1 / 3]
+
+
+# 512 samples, 410 for training: epoch 0 in 12 steps of 32, epochs 1 and 2 in 6 steps of 64 each.
+GROWING = ["data.num_samples=512", "data.global_batch_size=32", "data.batch_milestones=[1]", "data.batch_growth=2",
+           "model.width=8", "trainer.max_epochs=3", "trainer.log_every=5", "trainer.val_every=10", "trainer.device=cpu"]
+
+
+def test_a_growing_runs_points_sit_at_the_samples_and_epochs_of_the_updates_before_them(tmp_path):
+    run(make_config(*GROWING), tmp_path)
+    [logged] = find_runs([tmp_path])
+    steps = np.array([p.step for p in logged.curves["val/loss"]], dtype=float)
+    assert steps.tolist() == [0, 10, 20, 24]
+    # After its 24 updates, the trainer has trained on 1152 samples in its 3 epochs (trainer.max_epochs).
+    trained = logged.curves["train/samples"][-1]
+    assert (trained.step, trained.value) == (23, 1152)
+    axes = SampleAxes([logged])
+    assert axes.wanted
+    assert axes.samples(logged, steps).tolist() == [0, 320, 896, 1152]
+    assert axes.epochs(logged, steps).tolist() == pytest.approx([0, 10 / 12, 2 + 2 / 6, 3], rel=1e-15)
+    # train/loss at step t was measured before update t: at the samples of the t updates before it.
+    train_steps = np.array([p.step for p in logged.curves["train/loss"]], dtype=float)
+    assert axes.samples(logged, train_steps).tolist() == [0, 160, 320, 576, 896, 1088]
+    # Without a config, from the logged curves alone: the same samples (none clamped to the last
+    # logged step's), and no epochs, which need the dataset's size.
+    bare = Run("bare", tmp_path, {}, {}, logged.curves)
+    assert axes.samples(bare, steps).tolist() == [0, 320, 896, 1152]
+    assert axes.samples(bare, train_steps).tolist() == [0, 160, 320, 576, 896, 1088]
+    assert axes.epochs(bare, steps) is None
 
 
 def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
