@@ -171,20 +171,46 @@ def test_a_growing_runs_points_sit_at_the_samples_and_epochs_of_the_updates_befo
     assert axes.epochs(bare, steps) is None
 
 
-def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
-    events = EventAccumulator(str(study / "sweep" / JOBS[32, 1] / "tensorboard"))
+def hparams_content(run_dir: Path) -> dict[str, bytes]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    content = events.PluginTagToContent("hparams")
+    return events.PluginTagToContent("hparams")
+
+
+SHOWN_METRICS = ["val/loss", "val/accuracy", "val/best_loss", "val/best_accuracy", "train/loss"]
+
+
+def shown_by_default(experiment) -> tuple[list[str], list[str]]:
+    """The hparams and metrics that TensorBoard's HParams dashboard (2.21) shows before a user
+    picks columns: the first five hparams once ordered by `differs`, then by name (its backend
+    sorts them so), and the first five metrics of the experiment."""
+    hparams = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))
+    return [info.name for info in hparams[:5]], [info.name.tag for info in experiment.metric_infos[:5]]
+
+
+def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
+    content = hparams_content(study / "sweep" / JOBS[32, 1])
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     names = [info.name for info in experiment.hparam_infos]
     # TensorBoard shows the keys marked as differing first.
     assert names[:2] == ["data.global_batch_size", "trainer.seed"]
     assert [info.differs for info in experiment.hparam_infos] == [True, True] + [False] * (len(names) - 2)
+    hparams, metrics = shown_by_default(experiment)
+    assert hparams[:2] == ["data.global_batch_size", "trainer.seed"] and metrics == SHOWN_METRICS
     assert not [name for name in names if key_in(name, RESULT_NEUTRAL_KEYS) or name.startswith("lr_find.")]
     assert {"trainer.max_steps", "optim.lr", "model.width"} <= set(names)
     assert {"val/best_loss", "val/best_accuracy", "val/loss"} <= {info.name.tag for info in experiment.metric_infos}
     hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
     assert (hparams["data.global_batch_size"].number_value, hparams["trainer.seed"].number_value) == (32, 1)
+
+
+def test_a_run_resumed_into_a_new_folder_leads_its_hparams_metrics_with_the_validation_values(study, tmp_path):
+    # From step 5 with validations every 4 steps, it logs train/* before its first val/*.
+    # (TensorBoard shows the first HParams entry of a folder: the resumed run's, in a folder of its own.)
+    checkpoint = study / "resumed" / "checkpoints" / f"step_{RESUMED_AT:08d}.pt"
+    run(make_config(*COMMON, "optim.lr=0.05", f"trainer.resume={checkpoint}"), tmp_path)
+    experiment = HParamsPluginData.FromString(hparams_content(tmp_path)["_hparams_/experiment"]).experiment
+    assert shown_by_default(experiment)[1] == SHOWN_METRICS
 
 
 def test_the_hparams_entry_leads_with_varied_keys_even_those_that_cannot_change_a_result():
