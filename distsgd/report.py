@@ -16,10 +16,16 @@ runs, those that training never reads (LR_FIND_KEYS). Written into DIR (default
   epochs where the runs differ in batch size or a run's batch grows (a point logged at step t at
   the samples of the t updates before it, epochs as the trainer counts them; both exact from the
   run's config, or read off its train/samples curve where it kept no config);
-- ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds;
-- ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``;
+- ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds,
+  a point with diverged seeds marked at the worse edge with their count;
+- ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``,
+  the diverged seeds apart;
 - ``figures/lr_find.png``: the LR range tests' curves;
-- ``report.md``: one row per run, the swept keys first, and links to the figures.
+- ``report.md``: one row per run, the swept keys first, whether it diverged, links to the figures
+  and the points with diverged seeds.
+
+A run counts as diverged when its folder holds ``diverged.json`` or the final value of one of its
+metrics is non-finite (``divergence``).
 """
 
 from __future__ import annotations
