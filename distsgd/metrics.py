@@ -15,6 +15,9 @@ from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, key_in
 
 # The best value so far of a validation curve, logged beside it: (curve, better of two values).
 BEST = {"val/loss": ("val/best_loss", min), "val/accuracy": ("val/best_accuracy", max)}
+# The metrics an HParams entry leads with: TensorBoard's HParams dashboard shows the first five
+# metrics of an experiment and hides the rest until asked.
+LEADING_METRICS = ("val/loss", "val/accuracy", "val/best_loss", "val/best_accuracy", "train/loss")
 
 
 class NullLogger:
@@ -59,13 +62,17 @@ class TensorBoardLogger(NullLogger):
     def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = ()) -> None:
         """One HParams entry for the run (see ``hparams_entry``); its metrics are the scalar tags
         already logged, so the dashboard compares a sweep on the final values of the very curves
-        shown elsewhere, and on the best validation values."""
+        shown elsewhere, and on the best validation values: LEADING_METRICS first, whatever order
+        the run logged its tags in (a resumed run logs train/* before its first validation)."""
         from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         entry, leading = hparams_entry(hparams, varied)
-        experiment, *session = hparams_summary(entry, final_metrics)
-        # TensorBoard orders its columns by this flag, then by name: the varied keys come first.
+        metrics = {tag: final_metrics[tag] for tag in LEADING_METRICS if tag in final_metrics} | final_metrics
+        experiment, *session = hparams_summary(entry, metrics)
+        # TensorBoard orders its columns by this flag, then by name, and shows the first five: the
+        # varied keys come first. The flag is all an experiment can say about which are shown: with
+        # fewer than five varied keys, the dashboard also shows the first unvaried ones by name.
         [value] = experiment.value
         data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
         for info in data.experiment.hparam_infos:

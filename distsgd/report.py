@@ -13,23 +13,33 @@ runs, those that training never reads (LR_FIND_KEYS). Written into DIR (default
 
 - ``scalars.csv``: one row per run, tag, step: value, wall time, then the run's overrides;
 - ``figures/curves/<tag>.png``: every run's curve against step, and against samples seen and
-  epochs (samples seen / training samples) where the runs differ in batch size;
-- ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds;
-- ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``;
+  epochs where the runs differ in batch size or a run's batch grows (a point logged at step t at
+  the samples of the t updates before it, epochs as the trainer counts them; both exact from the
+  run's config, or read off its train/samples curve where it kept no config);
+- ``figures/sweep/<key>.png``: final and best metrics against each swept key, averaged over seeds,
+  a point with diverged seeds marked at the worse edge with their count;
+- ``figures/seeds/<metric>.png``: mean and range over runs that differ only in ``trainer.seed``,
+  the diverged seeds apart;
 - ``figures/lr_find.png``: the LR range tests' curves;
-- ``report.md``: one row per run, the swept keys first, and links to the figures.
+- ``report.md``: one row per run, the swept keys first, whether it diverged, links to the figures
+  and the points with diverged seeds.
+
+A run counts as diverged when its folder holds ``diverged.json`` or the final value of one of its
+metrics is non-finite (``divergence``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -40,6 +50,9 @@ from omegaconf import OmegaConf
 from distsgd import figures
 from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, ConfigError, key_in, to_config
 from distsgd.metrics import BEST, flatten, read_scalars
+
+if TYPE_CHECKING:
+    from distsgd.data import BatchSchedule
 
 SEED = "trainer.seed"
 BATCH = "data.global_batch_size"
@@ -56,6 +69,7 @@ class Run:
     tree: dict  # the nested config; empty when the run kept none
     curves: dict = field(default_factory=dict)  # tag -> [ScalarEvent(wall_time, step, value)]
     lr_find: dict[str, list[float]] | None = None  # lr_find.csv by column
+    diverged: dict | None = None  # its diverged.json: training stopped on non-finite values
     config: dict = field(init=False)  # the tree as flat group.key entries
 
     def __post_init__(self) -> None:
@@ -64,7 +78,7 @@ class Run:
 
 def read_run(path: Path, name: str) -> Run:
     """One run folder: its curves through TensorBoard's loader (metrics.read_scalars), its
-    config, overrides and LR range test."""
+    config, overrides, LR range test and diverged.json."""
     overrides_file = path / ".hydra" / "overrides.yaml"
     parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(overrides_file))) \
         if overrides_file.is_file() else []
@@ -75,7 +89,19 @@ def read_run(path: Path, name: str) -> Run:
         lr_find = {column: [float(row[column]) for row in rows] for column in LR_FIND_COLUMNS}
     return Run(name, path, {o.key_or_group: o.get_value_element_as_str() for o in parsed if not o.is_delete()},
                _config_tree(path), read_scalars(path / "tensorboard") if (path / "tensorboard").is_dir() else {},
-               lr_find)
+               lr_find, _diverged(path / "diverged.json"))
+
+
+def _diverged(marker: Path) -> dict | None:
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        content = None
+    if not isinstance(content, dict) or not isinstance(content.get("step"), int):
+        raise ConfigError(f"{marker}: not what distsgd writes when a run diverges ({{\"step\": <int>, ...}})")
+    return content
 
 
 def _config_tree(path: Path) -> dict:
@@ -151,8 +177,26 @@ def metric(run: Run, tag: str, kind: str) -> float | None:
     return better(tag)(finite) if finite else None
 
 
-def summary(run: Run, tags: Sequence[str]) -> dict[str, float | None]:
-    """Final and best value of each metric, steps trained, wall time, skipped steps."""
+class Divergence(NamedTuple):
+    step: int  # where it diverged: the step diverged.json names, or the first non-finite value's
+    why: str
+
+
+def divergence(run: Run, tags: Sequence[str]) -> Divergence | None:
+    """Why ``run`` counts as diverged, None when it did not: it holds diverged.json, or the final
+    value of one of the metrics ``tags`` is non-finite. The whole run counts, on every metric: an
+    accuracy computed from a model whose loss went non-finite says nothing about its rate."""
+    if run.diverged is not None:
+        return Divergence(run.diverged["step"], f"stopped at step {run.diverged['step']}")
+    bad = [tag for tag in tags if run.curves.get(tag) and not math.isfinite(run.curves[tag][-1].value)]
+    if not bad:
+        return None
+    step = min(p.step for tag in bad for p in run.curves[tag] if not math.isfinite(p.value))
+    return Divergence(step, f"non-finite final {', '.join(bad)}")
+
+
+def summary(run: Run, tags: Sequence[str]) -> dict[str, float | str | None]:
+    """Final and best value of each metric, steps trained, wall time, skipped steps, divergence."""
     row = {f"{kind} {tag}": metric(run, tag, kind) for tag in tags for kind in ("final", "best")}
     points = [(tag, point) for tag, curve in run.curves.items() for point in curve]
     # A train/* point at step t describes update t; a val/* point comes after t updates.
@@ -161,6 +205,8 @@ def summary(run: Run, tags: Sequence[str]) -> dict[str, float | None]:
     row["wall time (s)"] = max(times) - min(times) if times else None
     skipped = run.curves.get("train/skipped_steps")
     row["skipped steps"] = skipped[-1].value if skipped else None
+    diverged = divergence(run, tags)
+    row["diverged"] = diverged.why if diverged else "no"
     return row
 
 
@@ -198,50 +244,62 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 class SampleAxes:
-    """Samples seen and epochs at a run's steps, where the runs differ in batch size."""
+    """Samples seen and epochs at a run's steps, where the runs differ in batch size or a run's
+    batch grows. A point logged at step t sits at the samples of updates 0..t-1 on every axis: a
+    val/* point was measured after t updates, a train/* point (which describes update t) before it."""
 
     def __init__(self, runs: Sequence[Run]):
         batches = {run.config.get(BATCH) for run in runs}
-        self.wanted = len(batches) > 1 or any(self._scheduled(run) for run in runs)
-        self.training_samples: dict[str, int | None] = {}
+        self.wanted = len(batches) > 1 or any(
+            len({p.value for p in run.curves.get("train/global_batch_size", [])}) > 1 for run in runs)
+        self.schedules: dict[str, BatchSchedule | None] = {}
+
+    def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        schedule = self._schedule(run)
+        if schedule is not None:
+            return np.array([schedule.samples_before(int(step)) for step in steps], dtype=float)
+        return self._logged_samples(run, steps)
+
+    def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
+        """Epochs as the trainer counts them (each epoch drops its last partial batch), exact."""
+        schedule = self._schedule(run)
+        if schedule is None:
+            return None
+        return np.array([float(schedule.epochs_at(int(step))) for step in steps])
+
+    def _schedule(self, run: Run) -> BatchSchedule | None:
+        """The run's batch schedule, from its config and its dataset's size (None without a config,
+        or when its data is not on this machine)."""
+        if not run.tree:
+            return None
+        key = repr(run.tree.get("data"))
+        if key not in self.schedules:
+            from distsgd import data  # torch: only for the reports that draw these axes
+
+            try:
+                cfg = to_config(OmegaConf.create(run.tree)).data
+                self.schedules[key] = data.BatchSchedule.of(cfg, data.train_size(cfg))
+            except ConfigError:
+                self.schedules[key] = None
+        return self.schedules[key]
 
     @staticmethod
-    def _seen(run: Run) -> tuple[list[int], list[float]] | None:
-        """(steps, samples seen before each): train/samples counts update t's own batch too."""
+    def _logged_samples(run: Run, steps: np.ndarray) -> np.ndarray | None:
+        """Samples before each step, from train/samples (which counts update t's own batch, so it
+        is also the samples before step t + 1), linear between the logged steps and beyond them
+        at the nearest logged batch."""
         samples, batches = run.curves.get("train/samples"), run.curves.get("train/global_batch_size")
         if not samples or not batches:
             return None
-        return [p.step for p in samples], [p.value - b.value for p, b in zip(samples, batches)]
-
-    @classmethod
-    def _scheduled(cls, run: Run) -> bool:
-        # Samples seen that are not step x batch (up to float32 rounding): the batch changes during the run.
-        batch, seen = run.config.get(BATCH) or 0, cls._seen(run)
-        return seen is not None and any(abs(value - step * batch) > 1e-6 * max(1, step * batch)
-                                        for step, value in zip(*seen))
-
-    def samples(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
-        seen = self._seen(run)
-        if seen is not None:
-            return np.interp(steps, *seen)
-        return steps * run.config[BATCH] if BATCH in run.config else None
-
-    def epochs(self, run: Run, steps: np.ndarray) -> np.ndarray | None:
-        samples, size = self.samples(run, steps), self._training_samples(run)
-        return samples / size if samples is not None and size else None
-
-    def _training_samples(self, run: Run) -> int | None:
-        key = repr(run.tree.get("data"))
-        if not run.tree:
-            return None
-        if key not in self.training_samples:
-            from distsgd import data
-
-            try:
-                self.training_samples[key] = data.train_size(to_config(OmegaConf.create(run.tree)).data)
-            except ConfigError:  # its data is not on this machine (or the run kept no config)
-                self.training_samples[key] = None
-        return self.training_samples[key]
+        before = {}
+        for point, batch in zip(samples, batches):
+            before[point.step], before[point.step + 1] = point.value - batch.value, point.value
+        known = np.array(sorted(before), dtype=float)
+        seen = np.array([before[step] for step in sorted(before)])
+        inside = np.interp(steps, known, seen)
+        after = seen[-1] + (steps - known[-1]) * batches[-1].value
+        ahead = seen[0] - (known[0] - steps) * batches[0].value
+        return np.where(steps > known[-1], after, np.where(steps < known[0], ahead, inside))
 
 
 def plot_curves(runs: Sequence[Run], keys: Sequence[str], axes_of: SampleAxes, out: Path) -> dict[str, Path]:
@@ -281,7 +339,9 @@ def _groups(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple, list[Run]]:
 
 def plot_sweep(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], out: Path) -> dict[str, Path]:
     """Per swept key, the final and best value of each metric against it; runs that differ in
-    other swept keys are separate lines, seeds are averaged (bars: their range)."""
+    other swept keys are separate lines, seeds are averaged (bars: their range). A point with a
+    diverged seed (``divergence``) is no average: it is an X at the worse edge of each panel (the
+    top, the bottom for accuracy), with its count of diverged seeds."""
     figures = {}
     for key in [key for key in keys if key != SEED]:
         values = sorted({repr(run.config[key]): run.config[key] for run in runs if key in run.config}.values(),
@@ -294,6 +354,7 @@ def plot_sweep(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], ou
             for kind, style in (("final", "-o"), ("best", "--s")):
                 _sweep_line(axes, group, key, position, tags, kind, style, f"C{color % 10}",
                             f"{kind} {label(group[0], others) if others else ''}".strip())
+            _diverged_points(axes, group, key, position, tags, f"C{color % 10}")
         for ax, tag in zip(axes, tags):
             ax.set(xlabel=key, ylabel=tag, title=f"{tag} against {key}")
             if numeric and log_scale(key, [float(v) for v in values]):
@@ -309,39 +370,87 @@ def plot_sweep(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], ou
 
 def _sweep_line(axes, group: list[Run], key: str, position: dict, tags: Sequence[str], kind: str, style: str,
                 color: str, name: str) -> None:
-    by_value = _groups(group, [key])
-    x = [position[value] for (value,) in by_value]
+    finished = {value: seeds for (value,), seeds in _groups(group, [key]).items()
+                if not any(divergence(run, tags) for run in seeds)}
     for ax, tag in zip(axes, tags):
-        stats = [[metric(run, tag, kind) for run in seeds] for seeds in by_value.values()]
-        stats = [[v for v in values if v is not None and math.isfinite(v)] for values in stats]
-        points = [(xi, np.mean(v), np.min(v), np.max(v)) for xi, v in zip(x, stats) if v]
-        points.sort()
+        stats = {value: [v for v in (metric(run, tag, kind) for run in seeds) if v is not None]
+                 for value, seeds in finished.items()}
+        points = sorted((position[value], np.mean(v), np.min(v), np.max(v)) for value, v in stats.items() if v)
         if points:
             px, mean, low, high = map(np.array, zip(*points))
             ax.errorbar(px, mean, yerr=[mean - low, high - mean], fmt=style, color=color, label=name, capsize=3)
 
 
+def _diverged_points(axes, group: list[Run], key: str, position: dict, tags: Sequence[str], color: str) -> None:
+    for (value,), seeds in _groups(group, [key]).items():
+        count = sum(divergence(run, tags) is not None for run in seeds)
+        if count:
+            for ax, tag in zip(axes, tags):
+                _mark_diverged(ax, position[value], tag, color, f"{count}/{len(seeds)} diverged")
+
+
+DIVERGED_LABEL = "diverged seeds (at the worse edge)"
+
+
+def _mark_diverged(ax, x: float, tag: str, color: str, text: str = "") -> None:
+    """An X at ``x`` on the edge of ``ax`` where ``tag`` is worst, out of the way of every finite
+    value: a diverged run never looks better than one that finished."""
+    top = better(tag) is min
+    edge = ax.get_xaxis_transform()  # x in data, y in axes coordinates: 1 is the top edge
+    legend = DIVERGED_LABEL not in ax.get_legend_handles_labels()[1]
+    ax.plot([x], [1.0 if top else 0.0], "X", color=color, markersize=10, markeredgecolor="black", transform=edge,
+            clip_on=False, zorder=5, label=DIVERGED_LABEL if legend else "_nolegend_")
+    if text:
+        ax.annotate(text, (x, 1.0 if top else 0.0), xycoords=edge, xytext=(0, -9 if top else 9),
+                    textcoords="offset points", ha="center", va="top" if top else "bottom", fontsize="small",
+                    color=color)
+
+
 def plot_seeds(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str], out: Path) -> dict[str, Path]:
-    """Per metric, the mean and range of the curves of runs that differ only in trainer.seed."""
+    """Per metric, the mean and range of the curves of runs that differ only in trainer.seed; a
+    diverged seed is left out of them, drawn dotted up to its last finite value and marked by an X
+    at the worse edge where it diverged, and the legend counts it."""
     others = [key for key in keys if key != SEED]
     groups = [group for group in _groups(runs, others).values() if len(group) > 1]
-    figures = {}
+    diverged = [[divergence(run, tags) for run in group] for group in groups]
+    saved = {}
     for tag in tags:
         figure, (ax,) = _figure(1)
-        for color, group in enumerate(groups):
-            curves = [{p.step: p.value for p in run.curves.get(tag, [])} for run in group]
-            steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-            if not steps:
-                continue
-            values = np.array([[curve[step] for step in steps] for curve in curves])
-            name = f"{label(group[0], others) if others else 'all runs'} ({len(group)} seeds)"
-            ax.plot(steps, values.mean(axis=0), color=f"C{color % 10}", label=name)
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=f"C{color % 10}", alpha=0.2)
+        finished_values = []
+        for color, (group, whys) in enumerate(zip(groups, diverged)):
+            count = sum(why is not None for why in whys)
+            name = f"{label(group[0], others) if others else 'all runs'} ({len(group)} seeds" + (
+                f", {count}/{len(group)} diverged)" if count else ")")
+            finished = [run for run, why in zip(group, whys) if why is None]
+            if _seed_band(ax, finished, tag, f"C{color % 10}", name):
+                name = "_nolegend_"
+                finished_values += [p.value for run in finished for p in run.curves.get(tag, [])]
+            for run, why in zip(group, whys):
+                if why is not None:
+                    finite = [p for p in run.curves.get(tag, []) if math.isfinite(p.value)]
+                    ax.plot([p.step for p in finite], [p.value for p in finite], ":", color=f"C{color % 10}",
+                            label=name)
+                    name = "_nolegend_"
+                    _mark_diverged(ax, why.step, tag, f"C{color % 10}")
+        if better(tag) is min and any(why for whys in diverged for why in whys):
+            figures.clamp_top(ax, finished_values)  # a diverging seed's loss can reach 1e30 first
         ax.set(xlabel="step", ylabel=tag, title=f"{tag}: mean and range over seeds")
         ax.grid(alpha=0.3)
         _legend(figure, ax, "groups of seeds")
-        figures[tag] = _save(figure, out / "seeds" / f"{tag}.png")
-    return figures
+        saved[tag] = _save(figure, out / "seeds" / f"{tag}.png")
+    return saved
+
+
+def _seed_band(ax, runs: Sequence[Run], tag: str, color: str, name: str) -> bool:
+    """The mean and range of ``runs``' curves of ``tag`` over the steps they all logged, if any."""
+    curves = [{p.step: p.value for p in run.curves.get(tag, [])} for run in runs]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves))) if curves else []
+    if not steps:
+        return False
+    values = np.array([[curve[step] for step in steps] for curve in curves])
+    ax.plot(steps, values.mean(axis=0), color=color, label=name)
+    ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+    return True
 
 
 def plot_lr_find(runs: Sequence[Run], keys: Sequence[str], out: Path) -> Path:
@@ -387,6 +496,7 @@ def write_markdown(runs: Sequence[Run], keys: Sequence[str], figures: dict[str, 
     for kind, title in titles.items():
         if figures.get(kind):
             lines += [f"## {title}", ""] + _links(figures[kind], out) + [""]
+            lines += diverged_points(runs, keys, tags) if kind == "sweep" else []
     gns = {tag: path for tag, path in figures.get("curves", {}).items() if tag.startswith("gns/")}
     if gns:
         lines += ["## Gradient noise scale", ""] + _links(gns, out) + [""]
@@ -399,6 +509,21 @@ def write_markdown(runs: Sequence[Run], keys: Sequence[str], figures: dict[str, 
         lines += ["", f"![LR range tests]({os.path.relpath(figures['lr_find']['lr_find'], out)})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def diverged_points(runs: Sequence[Run], keys: Sequence[str], tags: Sequence[str]) -> list[str]:
+    """Markdown naming each point of the sweep (its swept keys but the seed) that has diverged
+    seeds, with their count."""
+    others = [key for key in keys if key != SEED]
+    points = []
+    for group in _groups(runs, others).values():
+        count = sum(divergence(run, tags) is not None for run in group)
+        if count:
+            points.append(f"- {label(group[0], others)}: {count}/{len(group)} diverged")
+    if not points:
+        return []
+    return ["Points with diverged seeds (in the figures: an X at the worse edge, the top or, for accuracy, the "
+            "bottom, never an average of the seeds that finished):", "", *points, ""]
 
 
 def _lr_find_summary(run: Run) -> list[object]:

@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.experimental.callback import Callback
 
+from distsgd import metrics
 from distsgd.distributed import Dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,12 +120,10 @@ def subprocess_env(*also_drop: str) -> dict[str, str]:
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar curve of a run as [(step, value)], read back from the TensorBoard files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    """Every scalar curve of a run as [(step, value)], the shape most tests compare against
+    (distsgd.metrics.read_scalars, the loader the report uses, keeps the wall times too)."""
+    return {tag: [(e.step, e.value) for e in events]
+            for tag, events in metrics.read_scalars(run_dir / "tensorboard").items()}
 
 
 def on_two_gloo_ranks(work, root: Path, *args) -> list:

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distsgd import lr_find
+from distsgd import report as report_module
 from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
 from distsgd.metrics import hparams_entry
 from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves, plot_seeds, plot_sweep
@@ -104,7 +105,7 @@ def test_the_table_leads_with_the_swept_keys(study):
     header = next(line for line in lines if line.startswith("| "))
     columns = [cell.strip() for cell in header.strip("|").split("|")]
     assert columns[:4] == SWEPT + ["final val/loss"]
-    assert columns[-4:] == ["steps", "wall time (s)", "skipped steps", "run"]
+    assert columns[-5:] == ["steps", "wall time (s)", "skipped steps", "diverged", "run"]
     rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
     assert len(rows) == 5  # the four jobs and the resumed run; the LR range test has a table of its own
     resumed = next(row for row in rows if "(../resumed)" in row)
@@ -136,25 +137,80 @@ def test_samples_seen_and_epochs_follow_each_runs_batch_size(study):
     axes = SampleAxes(list(runs.values()))
     steps = np.array([0.0, 4.0])
     assert axes.wanted
-    # 256 samples, 51 of them for validation: 205 training samples.
+    # 256 samples, 51 of them for validation: 205 training samples, an epoch of 3 steps at batch 64
+    # (the trainer drops the last partial batch): step 4 is step 1 of epoch 1.
     assert axes.samples(runs[32], steps).tolist() == [0, 128]
-    assert axes.epochs(runs[64], steps).tolist() == [0, 256 / 205]
+    assert axes.epochs(runs[64], steps).tolist() == [0, 1 + 1 / 3]
+
+
+# 512 samples, 410 for training: epoch 0 in 12 steps of 32, epochs 1 and 2 in 6 steps of 64 each.
+GROWING = ["data.num_samples=512", "data.global_batch_size=32", "data.batch_milestones=[1]", "data.batch_growth=2",
+           "model.width=8", "trainer.max_epochs=3", "trainer.log_every=5", "trainer.val_every=10", "trainer.device=cpu"]
+
+
+def test_a_growing_runs_points_sit_at_the_samples_and_epochs_of_the_updates_before_them(tmp_path):
+    run(make_config(*GROWING), tmp_path)
+    [logged] = find_runs([tmp_path])
+    steps = np.array([p.step for p in logged.curves["val/loss"]], dtype=float)
+    assert steps.tolist() == [0, 10, 20, 24]
+    # After its 24 updates, the trainer has trained on 1152 samples in its 3 epochs (trainer.max_epochs).
+    trained = logged.curves["train/samples"][-1]
+    assert (trained.step, trained.value) == (23, 1152)
+    axes = SampleAxes([logged])
+    assert axes.wanted
+    assert axes.samples(logged, steps).tolist() == [0, 320, 896, 1152]
+    assert axes.epochs(logged, steps).tolist() == pytest.approx([0, 10 / 12, 2 + 2 / 6, 3], rel=1e-15)
+    # train/loss at step t was measured before update t: at the samples of the t updates before it.
+    train_steps = np.array([p.step for p in logged.curves["train/loss"]], dtype=float)
+    assert axes.samples(logged, train_steps).tolist() == [0, 160, 320, 576, 896, 1088]
+    # Without a config, from the logged curves alone: the same samples (none clamped to the last
+    # logged step's), and no epochs, which need the dataset's size.
+    bare = Run("bare", tmp_path, {}, {}, logged.curves)
+    assert axes.samples(bare, steps).tolist() == [0, 320, 896, 1152]
+    assert axes.samples(bare, train_steps).tolist() == [0, 160, 320, 576, 896, 1088]
+    assert axes.epochs(bare, steps) is None
+
+
+def hparams_content(run_dir: Path) -> dict[str, bytes]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events.PluginTagToContent("hparams")
+
+
+SHOWN_METRICS = ["val/loss", "val/accuracy", "val/best_loss", "val/best_accuracy", "train/loss"]
+
+
+def shown_by_default(experiment) -> tuple[list[str], list[str]]:
+    """The hparams and metrics that TensorBoard's HParams dashboard (2.21) shows before a user
+    picks columns: the first five hparams once ordered by `differs`, then by name (its backend
+    sorts them so), and the first five metrics of the experiment."""
+    hparams = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))
+    return [info.name for info in hparams[:5]], [info.name.tag for info in experiment.metric_infos[:5]]
 
 
 def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
-    events = EventAccumulator(str(study / "sweep" / JOBS[32, 1] / "tensorboard"))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")
+    content = hparams_content(study / "sweep" / JOBS[32, 1])
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     names = [info.name for info in experiment.hparam_infos]
     # TensorBoard shows the keys marked as differing first.
     assert names[:2] == ["data.global_batch_size", "trainer.seed"]
     assert [info.differs for info in experiment.hparam_infos] == [True, True] + [False] * (len(names) - 2)
+    hparams, metrics = shown_by_default(experiment)
+    assert hparams[:2] == ["data.global_batch_size", "trainer.seed"] and metrics == SHOWN_METRICS
     assert not [name for name in names if key_in(name, RESULT_NEUTRAL_KEYS) or name.startswith("lr_find.")]
     assert {"trainer.max_steps", "optim.lr", "model.width"} <= set(names)
     assert {"val/best_loss", "val/best_accuracy", "val/loss"} <= {info.name.tag for info in experiment.metric_infos}
     hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
     assert (hparams["data.global_batch_size"].number_value, hparams["trainer.seed"].number_value) == (32, 1)
+
+
+def test_a_run_resumed_into_a_new_folder_leads_its_hparams_metrics_with_the_validation_values(study, tmp_path):
+    # From step 5 with validations every 4 steps, it logs train/* before its first val/*.
+    # (TensorBoard shows the first HParams entry of a folder: the resumed run's, in a folder of its own.)
+    checkpoint = study / "resumed" / "checkpoints" / f"step_{RESUMED_AT:08d}.pt"
+    run(make_config(*COMMON, "optim.lr=0.05", f"trainer.resume={checkpoint}"), tmp_path)
+    experiment = HParamsPluginData.FromString(hparams_content(tmp_path)["_hparams_/experiment"]).experiment
+    assert shown_by_default(experiment)[1] == SHOWN_METRICS
 
 
 def test_the_hparams_entry_leads_with_varied_keys_even_those_that_cannot_change_a_result():
@@ -201,3 +257,82 @@ def test_figures_of_many_runs_keep_their_plot_and_name_no_run(tmp_path):
                  *plot_seeds(runs, keys, ["val/loss"], tmp_path).values()]
     assert len(paths) == 4 and all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
     assert not [w for w in caught if "constrained_layout" in str(w.message)]
+
+
+def write_run(run_dir: Path, config: dict, curves: dict[str, list[tuple[int, float]]]) -> None:
+    """A run folder as distsgd leaves one, without training: its config and its curves."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for tag, points in curves.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
+
+
+@pytest.fixture
+def diverging_sweep(tmp_path) -> Path:
+    """optim.lr=0.1: 3 seeds that finish; optim.lr=1.0: seed 0 finishes best of all, seed 1 stopped
+    at step 6 (diverged.json) after a finite validation at step 4, seed 2's final loss is nan."""
+    nan = float("nan")
+    ends = {(0.1, 0): (1.0, 0.7), (0.1, 1): (1.1, 0.6), (0.1, 2): (0.9, 0.8), (1.0, 0): (0.5, 0.9),
+            (1.0, 1): (0.6, 0.85), (1.0, 2): (nan, 0.1)}
+    for (lr, seed), (loss, accuracy) in ends.items():
+        steps = [0, 4] if (lr, seed) == (1.0, 1) else [0, 4, 8]
+        write_run(tmp_path / f"lr{lr}_seed{seed}", {"optim": {"lr": lr}, "trainer": {"seed": seed}},
+                  {"val/loss": [(s, 2.0) for s in steps[:-1]] + [(steps[-1], loss)],
+                   "val/accuracy": [(s, 0.3) for s in steps[:-1]] + [(steps[-1], accuracy)]})
+    (tmp_path / "lr1.0_seed1" / "diverged.json").write_text(
+        '{"step": 6, "message": "non-finite loss", "checkpoint": "checkpoints/step_00000004.pt"}')
+    return tmp_path
+
+
+def test_diverged_seeds_are_counted_and_drawn_at_the_worse_edge_never_averaged(diverging_sweep, monkeypatch):
+    drawn, save = {}, report_module._save
+
+    def keep(figure, path):
+        drawn[path.relative_to(diverging_sweep / "report" / "figures").as_posix()] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(report_module, "_save", keep)
+    main([str(diverging_sweep)])
+    for panel, tag in zip(drawn["sweep/optim.lr.png"].axes, ["val/loss", "val/accuracy"]):
+        assert panel.get_title() == f"{tag} against optim.lr"
+        # The finished seeds of optim.lr=0.1 are averaged; optim.lr=1.0 has no average (it was 0.55 for the loss).
+        [final] = [bars.lines[0] for bars in panel.containers if bars.get_label() == "final"]
+        assert final.get_xdata().tolist() == [0.1]
+        assert final.get_ydata().tolist() == pytest.approx([1.0 if tag == "val/loss" else 0.7])
+        [mark] = [line for line in panel.lines if line.get_marker() == "X"]
+        # At optim.lr=1.0, on the edge where the metric is worst: the top for a loss, the bottom for accuracy.
+        assert mark.get_xdata().tolist() == [1.0]
+        x, y = mark.get_transform().transform([[1.0, mark.get_ydata()[0]]])[0]
+        box = panel.get_window_extent()
+        assert y == pytest.approx(box.y1 if tag == "val/loss" else box.y0)
+        assert [text.get_text() for text in panel.texts] == ["2/3 diverged"]
+    seeds = drawn["seeds/val/loss.png"].axes[0]
+    names = seeds.get_legend_handles_labels()[1]
+    assert {"optim.lr=0.1 (3 seeds)", "optim.lr=1.0 (3 seeds, 2/3 diverged)"} <= set(names)
+    # Each diverged seed marked where it diverged: step 6 (its diverged.json), step 8 (its nan).
+    assert sorted(line.get_xdata()[0] for line in seeds.lines if line.get_marker() == "X") == [6, 8]
+
+    lines = (diverging_sweep / "report" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| "))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
+    diverged = {tuple(cells[:2]): cells[columns.index("diverged")] for cells in
+                ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)}
+    assert diverged == {("0.1", "0"): "no", ("0.1", "1"): "no", ("0.1", "2"): "no", ("1", "0"): "no",
+                        ("1", "1"): "stopped at step 6", ("1", "2"): "non-finite final val/loss"}
+    sweep = lines[lines.index("## Against each swept key"):]
+    assert "- optim.lr=1.0: 2/3 diverged" in sweep and not [line for line in sweep if "optim.lr=0.1:" in line]
+
+
+def test_a_diverged_json_that_distsgd_did_not_write_is_one_line(tmp_path, capsys):
+    write_run(tmp_path / "run", {"optim": {"lr": 0.1}}, {"val/loss": [(0, 1.0)]})
+    (tmp_path / "run" / "diverged.json").write_text("step 6")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"distsgd-report: error: {tmp_path / 'run' / 'diverged.json'}: not what "
+                                       'distsgd writes when a run diverges ({"step": <int>, ...})\n')
