@@ -11,10 +11,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, key_in
-
 # The best value so far of a validation curve, logged beside it: (curve, better of two values).
 BEST = {"val/loss": ("val/best_loss", min), "val/accuracy": ("val/best_accuracy", max)}
+# Rank 0 writes it into the folder of a run that diverged (stopping.mark_diverged); reports and the
+# sweep's closing line read it.
+DIVERGED_MARKER = "diverged.json"
 # The metrics an HParams entry leads with: TensorBoard's HParams dashboard shows the first five
 # metrics of an experiment and hides the rest until asked.
 LEADING_METRICS = ("val/loss", "val/accuracy", "val/best_loss", "val/best_accuracy", "train/loss")
@@ -29,7 +30,8 @@ class NullLogger:
     def progress(self, step: int, **shown: float) -> None:
         pass
 
-    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = ()) -> None:
+    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = (),
+                config_text: str = "", status: str = "STATUS_SUCCESS") -> None:
         pass
 
     def close(self) -> None:
@@ -59,42 +61,47 @@ class TensorBoardLogger(NullLogger):
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
 
-    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = ()) -> None:
-        """One HParams entry for the run (see ``hparams_entry``); its metrics are the scalar tags
-        already logged, so the dashboard compares a sweep on the final values of the very curves
-        shown elsewhere, and on the best validation values: LEADING_METRICS first, whatever order
-        the run logged its tags in (a resumed run logs train/* before its first validation)."""
+    def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = (),
+                config_text: str = "", status: str = "STATUS_SUCCESS") -> None:
+        """One HParams entry for the run (see ``hparams_entry``), and the whole config, as
+        ``config_text``, in the Text dashboard (tag ``config``). The entry's metrics are the scalar
+        tags already logged, so the dashboard compares a sweep on the final values of the very
+        curves shown elsewhere, and on the best validation values: LEADING_METRICS first, whatever
+        order the run logged its tags in (a resumed run logs train/* before its first validation).
+        ``status``: how the run ended (TensorBoard's Status name: FAILURE for a diverged run)."""
         from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+        from tensorboard.plugins.hparams.api_pb2 import Status
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        entry, leading = hparams_entry(hparams, varied)
         metrics = {tag: final_metrics[tag] for tag in LEADING_METRICS if tag in final_metrics} | final_metrics
-        experiment, *session = hparams_summary(entry, metrics)
-        # TensorBoard orders its columns by this flag, then by name, and shows the first five: the
-        # varied keys come first. The flag is all an experiment can say about which are shown: with
-        # fewer than five varied keys, the dashboard also shows the first unvaried ones by name.
+        experiment, start, end = hparams_summary(hparams_entry(hparams, varied), metrics)
         [value] = experiment.value
         data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
         for info in data.experiment.hparam_infos:
-            info.differs = info.name in leading
+            info.differs = True  # they are what the runs vary
         value.metadata.plugin_data.content = data.SerializeToString()
-        for summary in (experiment, *session):
+        [value] = end.value
+        data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        data.session_end_info.status = Status.Value(status)
+        value.metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)
+        if config_text:
+            self.writer.add_text("config", f"```yaml\n{config_text}```")
 
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
 
 
-def hparams_entry(config: dict, varied: Sequence[str]) -> tuple[dict, list[str]]:
-    """The flat ``config`` as an HParams entry, and the keys it leads with: those ``varied`` names
-    (a group stands for its ``name`` key), in that order. The rest follow in the config's order,
-    less the keys that cannot change the training run (RESULT_NEUTRAL_KEYS) or that it never reads
-    (LR_FIND_KEYS): a key that the run varies stays, even one of those."""
-    leading = list(dict.fromkeys(key if key in config else f"{key}.name" for key in varied))
-    leading = [key for key in leading if key in config]
-    rest = [key for key in config if key not in leading and not key_in(key, RESULT_NEUTRAL_KEYS + LR_FIND_KEYS)]
-    return {key: config[key] for key in leading + rest}, leading
+def hparams_entry(config: dict, varied: Sequence[str]) -> dict:
+    """The HParams entry of a run whose flat ``config`` varies the keys ``varied`` (a group stands
+    for its ``name`` key): those keys alone, in that order. TensorBoard's HParams dashboard (2.21)
+    shows the first five keys of an entry and the first five metrics: an entry that listed every
+    key would show unvaried ones before the metrics, and an entry cannot mark a key as hidden. The
+    whole config is in the Text dashboard instead (``TensorBoardLogger.hparams``)."""
+    keys = dict.fromkeys(key if key in config else f"{key}.name" for key in varied)
+    return {key: config[key] for key in keys if key in config}
 
 
 def read_scalars(log_dir: Path) -> dict:

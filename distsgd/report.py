@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 
 from distsgd import figures
 from distsgd.config import LR_FIND_KEYS, RESULT_NEUTRAL_KEYS, ConfigError, key_in, to_config
-from distsgd.metrics import BEST, flatten, read_scalars
+from distsgd.metrics import BEST, DIVERGED_MARKER, flatten, read_scalars
 
 if TYPE_CHECKING:
     from distsgd.data import BatchSchedule
@@ -89,7 +89,7 @@ def read_run(path: Path, name: str) -> Run:
         lr_find = {column: [float(row[column]) for row in rows] for column in LR_FIND_COLUMNS}
     return Run(name, path, {o.key_or_group: o.get_value_element_as_str() for o in parsed if not o.is_delete()},
                _config_tree(path), read_scalars(path / "tensorboard") if (path / "tensorboard").is_dir() else {},
-               lr_find, _diverged(path / "diverged.json"))
+               lr_find, _diverged(path / DIVERGED_MARKER))
 
 
 def _diverged(marker: Path) -> dict | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from distsgd import distributed
-from distsgd.metrics import quiet_console
+from distsgd.metrics import DIVERGED_MARKER, quiet_console
 from distsgd.config import ConfigError, TrainerConfig
 from distsgd.distributed import Dist
 
@@ -49,10 +49,6 @@ class Diverged(Stopped):
     def __init__(self, message: str, step: int, checkpoint: Path):
         super().__init__(message, self.EXIT_CODE)
         self.step, self.checkpoint = step, checkpoint
-
-
-# Rank 0 writes it into the folder of a run that diverged; the report and the sweep's summary read it.
-DIVERGED_MARKER = "diverged.json"
 
 
 def mark_diverged(run_dir: Path, diverged: Diverged) -> None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from distsgd.config import run_id
 from distsgd.distributed import launch_rank
-from distsgd.stopping import DIVERGED_MARKER
+from distsgd.metrics import DIVERGED_MARKER
 
 log = logging.getLogger("distsgd")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
 from distsgd.config import CONF_DIR, Config, to_config, varied_keys
@@ -137,9 +138,10 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
                         train_step, best)
     metrics: dict[str, float] = {}
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), progress["step"]
     if dist.is_main:
         clear_diverged(run_dir)
+    status = "STATUS_UNKNOWN"  # stopped early, to be resumed
     try:
         with StopSignal(tc.stop_signals) as stop:
             skipped = _loop(config, plan, dataset, dist, schedule, train_step, validation, save, logger, metrics,
@@ -147,17 +149,22 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         metrics.update(validation(plan.total_steps))
         logger.scalars(plan.total_steps, _group(metrics, "val/"))
         save(plan.total_steps, skipped, final=True)
+        status = "STATUS_SUCCESS"
     except Diverged as diverged:
+        status = "STATUS_FAILURE"
         if dist.is_main:
             mark_diverged(run_dir, diverged)
         raise
     finally:
         # Also when a run stops early: its curves are closed and listed in the HParams dashboard.
-        logger.hparams(flatten(OmegaConf.to_container(OmegaConf.structured(config))), metrics, varied_keys())
+        logger.hparams(flatten(asdict(config)), metrics, varied_keys(), save.config_yaml, status)
         logger.close()
-    log.info("done: %d steps in %.1f s; %s; saved %s", plan.total_steps, time.perf_counter() - started,
-             ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), save.last_path)
-    log.info("curves: tensorboard --logdir %s --host 127.0.0.1", run_dir / "tensorboard")
+    ran = plan.total_steps - first_step
+    log.info("done: %d steps%s in %.1f s; %s; saved %s", ran,
+             f" (steps {first_step} to {plan.total_steps}, resumed)" if first_step else "",
+             time.perf_counter() - started, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())),
+             save.last_path)
+    log.info("curves: tensorboard --logdir %s --host 127.0.0.1", shlex.quote(str(run_dir / "tensorboard")))
     return metrics
 
 

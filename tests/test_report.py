@@ -14,17 +14,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 from conftest import CONF, REPO, make_config, read_scalars, subprocess_env
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator, ScalarEvent
+from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distsgd import lr_find
 from distsgd import report as report_module
-from distsgd.config import RESULT_NEUTRAL_KEYS, key_in, varied_keys
+from distsgd.config import varied_keys
 from distsgd.metrics import hparams_entry
 from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves, plot_seeds, plot_sweep
 from distsgd.train import run
@@ -191,17 +193,22 @@ def shown_by_default(experiment) -> tuple[list[str], list[str]]:
 def test_a_sweep_job_leads_its_hparams_with_the_swept_keys_and_reports_the_best_values(study):
     content = hparams_content(study / "sweep" / JOBS[32, 1])
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    names = [info.name for info in experiment.hparam_infos]
-    # TensorBoard shows the keys marked as differing first.
-    assert names[:2] == ["data.global_batch_size", "trainer.seed"]
-    assert [info.differs for info in experiment.hparam_infos] == [True, True] + [False] * (len(names) - 2)
-    hparams, metrics = shown_by_default(experiment)
-    assert hparams[:2] == ["data.global_batch_size", "trainer.seed"] and metrics == SHOWN_METRICS
-    assert not [name for name in names if key_in(name, RESULT_NEUTRAL_KEYS) or name.startswith("lr_find.")]
-    assert {"trainer.max_steps", "optim.lr", "model.width"} <= set(names)
+    # The swept keys alone, so that the dashboard shows them and then the metrics: with any other
+    # key in the entry it would show unvaried keys (the first five keys) before val/loss.
+    assert [info.name for info in experiment.hparam_infos] == ["data.global_batch_size", "trainer.seed"]
+    assert all(info.differs for info in experiment.hparam_infos)
+    assert shown_by_default(experiment) == (["data.global_batch_size", "trainer.seed"], SHOWN_METRICS)
     assert {"val/best_loss", "val/best_accuracy", "val/loss"} <= {info.name.tag for info in experiment.metric_infos}
     hparams = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
     assert (hparams["data.global_batch_size"].number_value, hparams["trainer.seed"].number_value) == (32, 1)
+    end = HParamsPluginData.FromString(content["_hparams_/session_end_info"]).session_end_info
+    assert end.status == Status.Value("STATUS_SUCCESS")
+    # The whole config, unvaried keys too, in the Text dashboard.
+    events = EventAccumulator(str(study / "sweep" / JOBS[32, 1] / "tensorboard"))
+    events.Reload()
+    [text] = events.Tensors("config/text_summary")
+    config = yaml.safe_load(text.tensor_proto.string_val[0].decode().strip("`").removeprefix("yaml\n"))
+    assert (config["data"]["global_batch_size"], config["trainer"]["seed"], config["optim"]["name"]) == (32, 1, "sgd")
 
 
 def test_a_run_resumed_into_a_new_folder_leads_its_hparams_metrics_with_the_validation_values(study, tmp_path):
@@ -213,13 +220,12 @@ def test_a_run_resumed_into_a_new_folder_leads_its_hparams_metrics_with_the_vali
     assert shown_by_default(experiment)[1] == SHOWN_METRICS
 
 
-def test_the_hparams_entry_leads_with_varied_keys_even_those_that_cannot_change_a_result():
+def test_the_hparams_entry_holds_the_varied_keys_even_those_that_cannot_change_a_result():
     config = {"data.in_memory": True, "optim.name": "sgd", "optim.lr": 0.1, "trainer.device": "cpu",
               "trainer.compile": False, "lr_find.steps": 100, "diagnostics.layers": False}
     # A swept config group stands for its name.
-    entry, leading = hparams_entry(config, ["trainer.compile", "optim"])
-    assert list(entry) == ["trainer.compile", "optim.name", "optim.lr"]
-    assert leading == ["trainer.compile", "optim.name"]
+    assert list(hparams_entry(config, ["trainer.compile", "optim"])) == ["trainer.compile", "optim.name"]
+    assert hparams_entry(config, []) == {}
 
 
 def test_a_single_run_varies_what_its_command_line_sets_that_can_change_its_result(monkeypatch):

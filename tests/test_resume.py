@@ -97,6 +97,9 @@ def test_resume_after_any_step_is_bitwise_exact(reference, tmp_path, caplog):
         caplog.clear()
         run(make_config(*overrides, *EVERY_STEP), run_dir)  # trainer.resume=auto is the default
         assert resumed_steps(caplog) == [step]
+        # The steps this launch ran, not the plan's 30.
+        assert any(record.getMessage().startswith(f"done: {30 - step} steps (steps {step} to 30, resumed) in ")
+                   for record in caplog.records)
         resumed = last_state(run_dir)
         assert resumed["step"] == 30
         assert_bitwise_equal(resumed["model"], expected["model"], f"model after resuming at {step}")

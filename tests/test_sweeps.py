@@ -12,8 +12,20 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, JobReturns, read_scalars, run_command, subprocess_env, torchrun_report
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distsgd.train import main
+
+
+def hparams_status(run_dir) -> str:
+    """How the run's HParams entry says it ended."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_end_info"]
+    return Status.Name(HParamsPluginData.FromString(content).session_end_info.status)
+
 
 DIVERGING = ["data=synthetic_regression", "model=linear", "optim=sgd", "trainer.max_steps=40",
              "data.num_samples=512", "trainer.val_every=20"]
@@ -29,6 +41,7 @@ def test_a_diverged_job_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch,
     marker = json.loads((tmp_path / "0" / "diverged.json").read_text())
     assert marker["message"].startswith("non-finite loss inf at step") and marker["step"] > 0
     assert torch.load(marker["checkpoint"], weights_only=True)["step"] == marker["step"]
+    assert [hparams_status(tmp_path / job) for job in ("0", "1")] == ["STATUS_FAILURE", "STATUS_SUCCESS"]
     assert (tmp_path / "1" / "checkpoints" / "last.pt").is_file() and not (tmp_path / "1" / "diverged.json").exists()
     # The sweeper's objective: inf for the diverged job, ranked last by a sweeper that minimises.
     assert JobReturns.values[0] == math.inf and math.isfinite(JobReturns.values[1])
