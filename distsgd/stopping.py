@@ -21,10 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from distsgd import distributed
 from distsgd.metrics import DIVERGED_MARKER, quiet_console
-from distsgd.config import ConfigError, TrainerConfig
+from distsgd.config import ConfigError, TrainerConfig, hydra_override
 from distsgd.distributed import Dist
 
 log = logging.getLogger("distsgd")
@@ -138,11 +140,10 @@ def nonfinite_message(step: int, loss: float, norm: float, consecutive: int, tc:
 def resume_command(run_dir: Path, world_size: int) -> str:
     """The command that continues this run: the same overrides, in the same run directory (a new
     torchrun launch or SLURM job would get a new run id, hence a new directory, and start afresh)."""
-    from hydra.core.hydra_config import HydraConfig
-
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
-    args = " ".join(shlex.quote(arg) for arg in [*kept, f"hydra.run.dir={run_dir.resolve()}"])
+    # Quoted for Hydra, then for the shell: a sweep job's folder reads optim.lr=0.01,trainer.max_steps=40.
+    args = " ".join(shlex.quote(arg) for arg in [*kept, hydra_override("hydra.run.dir", run_dir.resolve())])
     if distributed.ranks_from_slurm():
         return f"the same srun launch (a new SLURM job), with these arguments for distsgd.train: {args}"
     if world_size == 1:
@@ -239,7 +240,4 @@ def run_as_command(run, cfg, run_dir: Path):
 
 
 def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

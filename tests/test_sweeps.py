@@ -3,10 +3,16 @@ trains one config on every rank; ranks given different configs never train."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from distsgd.step import TrainStep
 from distsgd.train import main
 
 
@@ -94,3 +101,33 @@ def test_ranks_given_different_configs_stop_with_one_line_naming_the_keys(tmp_pa
     assert done.returncode != 0 and workers.count(message) == 1, done.stderr[-3000:]
     assert workers.count("Traceback") == 1  # torchrun's own, of its ChildFailedError
     assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "tensorboard").exists()
+
+
+def test_the_commands_a_stopped_sweep_job_prints_run_as_printed_and_resume_it(tmp_path, monkeypatch, capsys):
+    # A sweep job's folder is named by its overrides, optim.lr=0.05,trainer.max_steps=12: the
+    # printed command must quote it for Hydra's grammar as well as for the shell.
+    calls = itertools.count()
+    step = TrainStep.__call__
+
+    def stopped_at_step_3(self, *args, **kwargs):
+        if next(calls) == 2:  # received during update 2: the step after it stops, as a scheduler's SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", stopped_at_step_3)
+    code = run_command(main, ["distsgd-train", "-m", "optim.lr=0.05", "trainer.max_steps=12", "data.num_samples=256",
+                              "model.width=8", f"hydra.sweep.dir={tmp_path}"], monkeypatch)
+    assert code == 128 + signal.SIGTERM
+    job = tmp_path / "data.num_samples=256,model.width=8,optim.lr=0.05,trainer.max_steps=12"
+    output = capsys.readouterr()
+    [board] = re.findall(r"curves: (tensorboard .*)", output.err + output.out) or [None]
+    assert board is None  # a stopped run prints no curves line; a finished one does, below
+    [resume] = re.findall(r"to resume, run: (python -m distsgd\.train .*)$", output.err, re.M)
+    assert resume.startswith("python -m distsgd.train ")
+    env = {**subprocess_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", resume], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {job}/checkpoints/step_00000004.pt at step 4" in done.stdout
+    assert torch.load(job / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
+    [board] = re.findall(r"curves: (tensorboard .*)$", done.stdout, re.M)
+    assert shlex.split(board) == ["tensorboard", "--logdir", str(job / "tensorboard"), "--host", "127.0.0.1"]
