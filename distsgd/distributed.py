@@ -155,6 +155,12 @@ def init(requested_device: str, timeout_s: float = 1800.0) -> Dist:
         # Without a rendezvous each process would train alone on its 1/W share of every batch.
         raise ConfigError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with torchrun, "
                           "or set MASTER_ADDR and MASTER_PORT so that the processes can meet")
+    unset = [var for var in ("RANK", "WORLD_SIZE") if var not in os.environ]
+    if not launch.srun and launch.master_addr is not None and unset:
+        # What a SLURM batch script that exported MASTER_ADDR for its srun steps gets, run by itself.
+        raise ConfigError(f"MASTER_ADDR is set but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not: "
+                          "a launcher sets them for each process (torchrun; srun in a SLURM job step); to train "
+                          "as one process here, unset MASTER_ADDR and MASTER_PORT")
     device = resolve_device(requested_device, launch.local_rank)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":

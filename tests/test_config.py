@@ -256,6 +256,10 @@ def test_keep_checkpoints_0_keeps_every_step_checkpoint(tmp_path):
     (dict(RANK="0", WORLD_SIZE="4", MASTER_PORT="29500"), "WORLD_SIZE=4 but MASTER_ADDR not set"),
     (dict(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"), "RANK=2 must be in [0, WORLD_SIZE=2)"),
     (dict(RANK="1"), "RANK=1 must be in [0, WORLD_SIZE=1)"),
+    # A SLURM batch script that exported the README's MASTER_ADDR and MASTER_PORT, then ran one process.
+    (dict(MASTER_ADDR="node01", MASTER_PORT="29500"), "MASTER_ADDR is set but RANK and WORLD_SIZE are not: a launcher "
+     "sets them for each process (torchrun; srun in a SLURM job step); to train as one process here, unset MASTER_ADDR"),
+    (dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"), "MASTER_ADDR is set but RANK is not"),
 ])
 def test_a_partial_torchrun_environment_is_an_error(env, message, monkeypatch):
     # Without a rendezvous each process would train alone on its share of every batch.
