@@ -316,10 +316,15 @@ class BatchSchedule:
 
     def __post_init__(self) -> None:
         steps_per_epoch(self.num_train, self.global_batch)
-        for start, batch in zip(self.phase_starts[1:], self.phase_batches[1:]):
-            steps_per_epoch(self.num_train, batch, f"data.batch_milestones={list(self.milestones)} with "
-                                                   f"data.batch_growth={self.growth}: the global batch {batch} "
-                                                   f"from epoch {start}")
+
+    def check_reached(self, max_epochs: int | None, max_steps: int | None) -> None:
+        """Every phase that a run of ``max_epochs`` epochs and ``max_steps`` steps (None: no such
+        limit) enters must have a whole global batch; a phase it never reaches need not."""
+        for start, first, batch in zip(self.phase_starts[1:], self.phase_first_steps[1:], self.phase_batches[1:]):
+            if (max_epochs is None or start < max_epochs) and (max_steps is None or first < max_steps):
+                steps_per_epoch(self.num_train, batch, f"data.batch_milestones={list(self.milestones)} with "
+                                                       f"data.batch_growth={self.growth}: the global batch {batch} "
+                                                       f"from epoch {start}")
 
     @staticmethod
     def of(cfg: DataConfig, num_train: int) -> "BatchSchedule":

@@ -77,8 +77,10 @@ class Plan:
         batches = data.BatchSchedule.of(config.data, num_train)
         # Every later batch is the first times an integer, so it divides wherever the first does.
         data.local_batch_size(batches.global_batch, world_size, tc.accumulate)
-        limits = [n for n in (tc.max_steps, tc.max_epochs and batches.first_step(tc.max_epochs)) if n]
-        return Plan(batches, world_size, tc.accumulate, min(limits, default=DEFAULT_MAX_STEPS))
+        max_steps = tc.max_steps if tc.max_steps or tc.max_epochs else DEFAULT_MAX_STEPS
+        batches.check_reached(tc.max_epochs, max_steps)
+        limits = [n for n in (max_steps, tc.max_epochs and batches.first_step(tc.max_epochs)) if n]
+        return Plan(batches, world_size, tc.accumulate, min(limits))
 
     def local_batch(self, epoch: int) -> int:
         """Samples per rank and step in ``epoch``."""

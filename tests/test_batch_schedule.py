@@ -143,6 +143,14 @@ def test_a_phase_too_large_or_indivisible_is_named_before_training():
             "data.batch_milestones=[1, 2, 3] with data.batch_growth=4: the global batch 512 from epoch 2 exceeds "
             "the 410 training samples")):
         Plan.of(too_large, 410, world_size=1)
+    # Only the phases a run enters: 3 epochs never reach the batch of 512 from epoch 5, nor do 12
+    # steps (2 epochs of 6 batches of 64); 300 steps or 6 epochs would.
+    never = ["data.global_batch_size=64", "data.batch_milestones=[5]", "data.batch_growth=8"]
+    for limit, steps in (("trainer.max_epochs=3", 18), ("trainer.max_steps=12", 12)):
+        assert Plan.of(to_config(make_config(*never, limit)), 410, world_size=1).total_steps == steps
+    for limit in ("trainer.max_epochs=6", "trainer.max_steps=300", "trainer.max_epochs=6 trainer.max_steps=300"):
+        with pytest.raises(ConfigError, match="the global batch 512 from epoch 5 exceeds the 410 training samples"):
+            Plan.of(to_config(make_config(*never, *limit.split())), 410, world_size=1)
     # The first batch divides or none does: each later one is the first times an integer.
     indivisible = to_config(make_config("data.global_batch_size=30", "data.batch_milestones=[1]",
                                         "trainer.accumulate=4"))
