@@ -82,9 +82,18 @@ def launch_environment(environ: Mapping[str, str] = os.environ) -> Launch:
     rank, world_size, local_rank = (int(environ[var]) for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
     if world_size == 1:
         return Launch(rank, world_size, local_rank, None, None, srun=True)
-    port = environ.get("MASTER_PORT") or SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
+    port = environ.get("MASTER_PORT") or slurm_port(environ["SLURM_JOB_ID"], environ["SLURM_STEP_ID"])
     return Launch(rank, world_size, local_rank, environ.get("MASTER_ADDR") or _first_node(environ), int(port),
                   srun=True)
+
+
+def slurm_port(job_id: str, step_id: str) -> int:
+    """Where the tasks of SLURM job step ``step_id`` meet without MASTER_PORT: the same port on every
+    task, another one for each step that runs at the same time in one job (srun ... & srun ...),
+    and for jobs sharing a node unless their ids differ by a multiple of the span. The step counts
+    1009 ports apart (prime to the span): two steps of a job meet at one port only 20000 steps apart."""
+    step = int(step_id) if step_id.isdigit() else 0
+    return SLURM_PORT_BASE + (int(job_id) + 1009 * step) % SLURM_PORT_SPAN
 
 
 def ranks_from_slurm(environ: Mapping[str, str] = os.environ) -> bool:

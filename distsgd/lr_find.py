@@ -116,7 +116,8 @@ def sweep(config: Config, dataset: data.Dataset, dist: Dist) -> Sweep:
              "%.3g to %.3g, x%.4g per update", dist.world_size, global_batch, batch, len(lrs), lrs[0], lrs[-1],
              lrs[1] / lrs[0])
     model, optimizer, scaler = train.build(config, dataset, dist, lrs[0])
-    step = TrainStep(model, optimizer, scaler, models.loss_fn(dataset.task), config.trainer, dist)
+    step = TrainStep(model, optimizer, scaler, models.loss_fn(dataset.task), config.trainer, dist,
+                     global_batch=global_batch)
     # The training run's batches in its order, epoch after epoch for as long as the sweep lasts.
     batches = (b for epoch in itertools.count()
                for b in dataset.train_batches(epoch, 0, steps_per_epoch, batch, dist, seed))

@@ -81,8 +81,9 @@ class TrainStep:
     """``step(x, y, lr, stop)`` trains the model on this rank's share of one global batch."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 loss_fn, tc: TrainerConfig, dist: Dist, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
-                 global_batch: int = 0) -> None:
+                 loss_fn, tc: TrainerConfig, dist: Dist, diagnostics: DiagnosticsConfig = DiagnosticsConfig(), *,
+                 global_batch: int) -> None:
+        """``global_batch``: the first global batch, the noise scale's unit of time."""
         self.optimizer, self.scaler, self.loss_fn, self.tc = optimizer, scaler, loss_fn, tc
         self.params = list(model.parameters())
         self.noise = (NoiseScale(diagnostics, global_batch, dist.world_size, tc.accumulate, dist.device)
@@ -153,12 +154,13 @@ class TrainStep:
         else:
             self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 overflowed
         self.scaler.update()
-        self.comm.after_step(skipped or not math.isfinite(norm))
         diagnostics = {}
-        if self.noise is not None:  # len(x): the global batch can grow (data.batch_milestones)
-            diagnostics = self.noise.finish_step(noise[0], norm**2, scale, len(x) * self.world_size, skipped, observe)
-        if self.layers is not None and observe:
+        if self.layers is not None and observe:  # the optimizer's update, before local SGD averages
             diagnostics.update(self.layers.after_update())
+        self.comm.after_step(skipped or not math.isfinite(norm))
+        if self.noise is not None:  # len(x): the global batch can grow (data.batch_milestones)
+            diagnostics.update(self.noise.finish_step(noise[0], norm**2, scale, len(x) * self.world_size, skipped,
+                                                      observe))
         if observe:
             diagnostics.update(self.comm.observed())
         return StepResult(loss, norm, skipped, bool(stop_requested), diagnostics)

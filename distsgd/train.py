@@ -120,7 +120,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     if resume_from is not None:
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
     loss_fn = models.loss_fn(dataset.task)
-    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics, plan.batches.global_batch)
+    train_step = TrainStep(model, optimizer, scaler, loss_fn, tc, dist, config.diagnostics,
+                           global_batch=plan.batches.global_batch)
     train_step.restore(progress)
     if tc.comm_hook != "none":
         log.info("%s", train_step.comm.describe())

@@ -63,7 +63,7 @@ def make_step(config: Config, dataset: data.Dataset, dist: distributed.Dist, buc
     lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
     model, optimizer, scaler = build(config, dataset, dist, lr)
     return TrainStep(model, optimizer, scaler, models.loss_fn(dataset.task), config.trainer, dist,
-                     config.diagnostics, config.data.global_batch_size)
+                     config.diagnostics, global_batch=config.data.global_batch_size)
 
 
 def timed_turn(step: TrainStep, batch, lr: float, no_sync: bool, device: torch.device) -> float:
@@ -73,7 +73,7 @@ def timed_turn(step: TrainStep, batch, lr: float, no_sync: bool, device: torch.d
     started = time.perf_counter()
     for _ in range(WINDOW):
         if no_sync:
-            with step.net.no_sync():
+            with step.ddp.no_sync():
                 step(*batch, lr, False)
         else:
             step(*batch, lr, False)

@@ -54,6 +54,10 @@ RUNS: dict[str, tuple[list[str], tuple[int, ...], float]] = {
     "local_sgd_h2_quiet": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=2",
                             "trainer.local_sgd_warmup_steps=1", "trainer.val_every=100"],
                            (), comm.MIN_COMPRESSION_RATE),
+    # Plain SGD averaged after every step, its per-layer statistics on: they describe rank 0's own
+    # step, its gradient and the optimizer's update to it, before the average.
+    "local_sgd_layers": (["trainer.comm_hook=local_sgd", "trainer.local_sgd_period=1", "diagnostics.layers=true",
+                          "optim.momentum=0.0"], (), comm.MIN_COMPRESSION_RATE),
     # Every matrix compressed (min_compression_rate 0) at the rank of its smaller side.
     "powersgd_full": (["trainer.comm_hook=powersgd", "trainer.powersgd_rank=32", "trainer.powersgd_warmup_steps=2"],
                       (), 0.0),
@@ -182,6 +186,19 @@ def test_step_statistics_travel_unrounded_whatever_the_hook_does_to_gradients(ru
         assert curves[name]["train/skipped_steps"][-1][1] == 0, name
         assert losses[name][0] == losses["big_none"][0], name
         assert losses[name] == pytest.approx(losses["big_none"], rel=1e-3), name
+
+
+def test_local_sgd_per_layer_statistics_describe_the_optimizers_update(runs):
+    root, _ = runs
+    curves = read_scalars(root / "local_sgd_layers" / "uninterrupted")
+    names = [tag[len("layers/"):-len("/update_ratio")] for tag in curves if tag.endswith("/update_ratio")]
+    assert len(names) == 10
+    for name in names:
+        # Plain SGD's update is -lr g: |delta w| / |w| = lr |g| / |w| for rank 0's own gradient g,
+        # where the average of the ranks' steps, lr |mean g|, is smaller.
+        ratio, weight, grad = (curves[f"layers/{name}/{what}"] for what in ("update_ratio", "weight_norm", "grad_norm"))
+        assert [r * w for (_, r), (_, w) in zip(ratio, weight)] == pytest.approx([0.05 * g for _, g in grad],
+                                                                                 rel=1e-4), name
 
 
 @pytest.mark.parametrize("name", ["powersgd_nan", "local_sgd_nan"])

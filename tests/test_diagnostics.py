@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import final_params, launch_sweep, make_config, read_scalars
 
-from distsgd import data, models
+from distsgd import data, distributed, models
 from distsgd.config import ConfigError, to_config
-from distsgd.train import run
+from distsgd.step import TrainStep
+from distsgd.train import build, run
 
 # Least squares at a point that does not move (lr 1e-8): the per-sample gradients there give the
 # true |G|^2 and tr(Sigma). 819 training samples, global batch 32.
@@ -105,3 +106,20 @@ def test_layer_statistics_match_a_hand_computed_first_update(optim, tmp_path):
     whole = curves["train/grad_norm"][0][1]
     parts = [curves[f"layers/{name}/grad_norm"][0][1] for name, _ in initial.named_parameters()]
     assert math.hypot(*parts) == pytest.approx(whole, rel=1e-5)  # the layers' norms make up the whole
+
+
+def test_the_noise_scale_is_given_its_unit_of_time(tmp_path):
+    # Its EMA counts samples in units of the first global batch; without it, it divided by zero.
+    config = to_config(make_config(*FIXED, "trainer.accumulate=2"))
+    dataset = data.load(config.data)
+    dist = distributed.init("cpu")
+    try:
+        model, optimizer, scaler = build(config, dataset, dist, 0.1)
+        args = (model, optimizer, scaler, models.loss_fn(dataset.task), config.trainer, dist, config.diagnostics)
+        with pytest.raises(TypeError, match="global_batch"):
+            TrainStep(*args)
+        step = TrainStep(*args, global_batch=32)
+        result = step(dataset.x_train[:32], dataset.y_train[:32], 0.1, stop=False, observe=True)
+    finally:
+        distributed.shutdown()
+    assert math.isfinite(result.diagnostics["gns/small_sq"]) and math.isfinite(result.diagnostics["gns/grad_sq"])

@@ -59,6 +59,9 @@ TORCHRUN_WORKER = dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", MASTER_ADDR="10
     # srun starts task 0 on the first node of its step, a part of the job's nodes.
     ({**SRUN_TASK, "SLURM_STEP_NODELIST": "gpu[09-10]"}, Launch(5, 8, 1, "gpu09", 19242, srun=True)),
     ({**SRUN_TASK, "SLURM_JOB_ID": "123456"}, Launch(5, 8, 1, "gpu07", 15000 + 123456 % 20000, srun=True)),
+    # Two steps of one job at once (srun ... & srun ...) meet at ports of their own.
+    ({**SRUN_TASK, "SLURM_STEP_ID": "1"}, Launch(5, 8, 1, "gpu07", 15000 + 4242 + 1009, srun=True)),
+    ({**SRUN_TASK, "SLURM_STEP_ID": "25"}, Launch(5, 8, 1, "gpu07", 15000 + (4242 + 25 * 1009) % 20000, srun=True)),
     ({**SRUN_TASK, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}, Launch(5, 8, 1, "head", 1234, srun=True)),
     ({**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"},
      Launch(0, 1, 0, None, None, srun=True)),
