@@ -26,7 +26,7 @@ from distsgd.metrics import DIVERGED_MARKER
 log = logging.getLogger("distsgd")
 
 
-class SweepCallback(Callback):
+class Callbacks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """An unseeded sampler gets a seed from the run id, which every rank of a torchrun job (and
         every task of a SLURM job) shares, and which differs from sweep to sweep as Optuna's own
