@@ -36,15 +36,16 @@ def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:08d}.pt"
 
 
-def check_writable(directory: Path) -> None:
-    """Fail before training, not at the first save hours later, when checkpoints cannot be written."""
+def check_writable(directory: Path, what: str = "checkpoint folder") -> None:
+    """Fail before training, not at the first save hours later, when ``directory`` cannot be
+    created or written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{socket.gethostname()}-{os.getpid()}"  # unique on shared disks
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"checkpoint folder {directory} is not writable ({err.strerror or err})") from None
+        raise ConfigError(f"{what} {directory} is not writable ({err.strerror or err})") from None
 
 
 def save(state: dict, path: Path) -> None:

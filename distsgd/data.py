@@ -228,6 +228,8 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
     if x.ndim < 2 or len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"{source} needs x of shape (N, features...) and y of length N, "
                           f"got x {x.shape} and y {y.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ConfigError(f"{source}: x must hold numbers, it holds {x.dtype} values")
     if np.issubdtype(y.dtype, np.integer):
         if y.ndim != 1 or y.min() < 0:
             raise ConfigError(f"{source}: integer labels y must be 1-D and >= 0")

@@ -457,6 +457,9 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     shutil.copy(root / "good/checkpoints/step_00000003.pt.sha256", files / "stale.pt.sha256")
     (files / "nosidecar.pt").write_bytes(good)
     (files / "notes.npz").write_text("not an npz archive\n")
+    (files / "empty.npz").write_bytes(b"")
+    np.savez(files / "strings.npz", x=np.array([["0.1", "a"]] * 40), y=np.zeros(40, dtype=np.int64))
+    np.savez(files / "flat.npz", x=np.zeros(40, dtype=np.float32), y=np.zeros(40, dtype=np.int64))
     return {"root": root, "good": root / "good/checkpoints", "files": files}
 
 
@@ -492,6 +495,15 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("copy", ["data=npz"], "data.path must be a .npz file for data=npz, got None"),
         ("copy", ["data=npz", f"data.path={files}/missing.npz"], f"data.path: no such file: {files}/missing.npz"),
         ("copy", ["data=npz", f"data.path={files}/notes.npz"], f"data.path: {files}/notes.npz is not a readable .npz"),
+        ("copy", ["data=npz", f"data.path={files}/empty.npz"], f"data.path: {files}/empty.npz is not a readable .npz"),
+        ("copy", ["data=npz", f"data.path={files}/strings.npz"],
+         f"data.path: {files}/strings.npz: x must hold numbers, it holds <U3 values"),
+        ("copy", ["data=npz", f"data.path={files}/flat.npz"],
+         f"data.path: {files}/flat.npz needs x of shape (N, features...) and y of length N, got x (40,)"),
+        # Devices and conflicting keys.
+        ("copy", ["trainer.device=tpu"], "trainer.device must be one of auto|cpu|cuda, got 'tpu'"),
+        ("copy", ["trainer.allreduce=manual", "trainer.comm_hook=fp16"],
+         "trainer.comm_hook must be none with trainer.allreduce=manual"),
         # Checkpoint files.
         ("copy", [f"trainer.resume={files}/missing.pt"], f"trainer.resume={files}/missing.pt: missing"),
         ("copy", [f"trainer.resume={files}"], f"trainer.resume={files}: not a file"),
@@ -512,6 +524,8 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("copy", ["optim.lr=0.5"], "the config differs from checkpoint"),
         ("corrupted", [], "no valid checkpoint in"),
         ("file", [], "checkpoints is not writable"),
+        ("copy", ["hydra.run.dir=/proc/distsgd-x"], "hydra.run.dir: the folder /proc/distsgd-x is not writable"),
+        ("copy", ["-m", "hydra.sweep.dir=/proc/distsgd-y"], "hydra.sweep.dir: the folder /proc/distsgd-y is not writable"),
     ]
 
 
@@ -544,7 +558,7 @@ def test_bad_invocations_fail_fast_with_one_clear_line_and_touch_no_checkpoint(b
                                                                               capsys):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     cases = _bad_cases(bad_files)
-    assert len(cases) >= 25
+    assert len(cases) >= 30
     watched = (bad_files["good"], bad_files["files"])
     before = _hashes(*watched)
     for i, (setup, overrides, expected) in enumerate(cases):
@@ -552,7 +566,9 @@ def test_bad_invocations_fail_fast_with_one_clear_line_and_touch_no_checkpoint(b
         place = _prepare(run_dir, setup, bad_files["good"])
         ours = _hashes(place)
         started = time.monotonic()
-        code = run_command(main, ["distsgd-train", f"hydra.run.dir={run_dir}", *BAD_BASE, *overrides], monkeypatch)
+        flags, overrides = [o for o in overrides if o == "-m"], [o for o in overrides if o != "-m"]
+        code = run_command(main, ["distsgd-train", *flags, f"hydra.run.dir={run_dir}", *BAD_BASE, *overrides],
+                           monkeypatch)
         captured = capsys.readouterr()
         _check_failure(code, time.monotonic() - started, captured.out + captured.err, expected, overrides or setup)
         assert _hashes(place) == ours, overrides or setup
