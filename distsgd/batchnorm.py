@@ -119,6 +119,8 @@ class BufferBackup:
         self.saved = [b.clone() for b in self.buffers]
 
     def save(self) -> None:
+        # Every step: torch has no public batched copy, and copy_ tensor by tensor took 80 us
+        # against 25 us for 60 small buffers (ResNet-20's) on one CPU thread, 0.5% of such a step.
         if self.buffers:
             torch._foreach_copy_(self.saved, self.buffers)
 

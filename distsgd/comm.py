@@ -47,6 +47,25 @@ MIN_COMPRESSION_RATE = 2.0
 STEP_STATS_BYTES = 3 * 4
 
 
+# What PowerSGD and LocalSGD below read and write of torch's hook states beyond their constructors,
+# to checkpoint them and to rebuild them per DDP bucket: fields torch does not document (2.13).
+# These two classes alone touch them; each checks on construction that torch still has them, and
+# tests/test_comm.py checks it too, so that a torch that renames one fails by name.
+TORCH_STATE_FIELDS = {
+    powerSGD_hook.PowerSGDState: ("iter", "start_powerSGD_iter", "rng", "error_dict", "p_memory_dict",
+                                  "q_memory_dict"),
+    post_localSGD_hook.PostLocalSGDState: ("iter",),
+}
+
+
+def check_torch_fields(state) -> None:
+    missing = [name for name in TORCH_STATE_FIELDS[type(state)] if not hasattr(state, name)]
+    if missing:
+        raise RuntimeError(f"torch {torch.__version__}'s {type(state).__name__} has no {', '.join(missing)}, which "
+                           "distsgd reads to checkpoint the hook's state: this torch is too new for distsgd's "
+                           "comm hooks (tested with torch 2.13); use trainer.comm_hook=none")
+
+
 def build(tc: TrainerConfig, diagnostics: DiagnosticsConfig, params: list[torch.nn.Parameter],
           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> "Communication":
     """The communication of ``trainer.comm_hook`` for a model with ``params``, trained by
@@ -207,6 +226,7 @@ class PowerSGD(Communication):
         self.state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=tc.powersgd_rank,
                                                  start_powerSGD_iter=tc.powersgd_warmup_steps,
                                                  min_compression_rate=MIN_COMPRESSION_RATE, random_seed=tc.seed)
+        check_torch_fields(self.state)
         self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> its parameters, as the state holds them
         self.pool: dict[str, dict[int, torch.Tensor]] = {"error": {}, "q": {}}  # per parameter, until its bucket comes
         # fp16: the errors are in units of the scaled gradient, this scale's.
@@ -348,6 +368,7 @@ class LocalSGD(Communication):
         self.state = post_localSGD_hook.PostLocalSGDState(process_group=None, subgroup=None,
                                                           start_localSGD_iter=tc.local_sgd_warmup_steps,
                                                           post_local_gradient_allreduce=False)
+        check_torch_fields(self.state)
         self.averager = averagers.PeriodicModelAverager(period=tc.local_sgd_period,
                                                         warmup_steps=tc.local_sgd_warmup_steps)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.utils import get_total_norm
 
 from distsgd.config import ConfigError, DiagnosticsConfig
 
@@ -26,8 +27,7 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The squared L2 norm of all ``tensors`` together, in float32 or wider."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(tensors)
-    return torch.stack([n.float() for n in norms]).square().sum()
+    return get_total_norm([t.float() for t in tensors]).square()
 
 
 class NoiseScale:
@@ -71,9 +71,9 @@ class NoiseScale:
             self.local += squared_norm(grads)
             self.previous = [g.detach().clone() for g in grads]
         else:
-            own = torch._foreach_sub(grads, self.previous)
-            self.local += squared_norm(own)
-            torch._foreach_copy_(self.previous, grads)
+            self.local += squared_norm([g - before for g, before in zip(grads, self.previous)])
+            for before, g in zip(self.previous, grads):
+                before.copy_(g)
 
     def rank_gradient(self, grads: list[torch.Tensor]) -> None:
         """Several processes: this rank's gradient, before it is averaged with the others'."""
@@ -159,6 +159,12 @@ class NoiseScale:
         self.ema = dict(state)
 
 
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each of ``tensors``. Only logged steps take them, so a loop over the
+    tensors does (torch has no public batched per-tensor norm)."""
+    return torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+
+
 class LayerStats:
     """Per parameter tensor, on the steps that are logged: the norm of its averaged gradient
     (before clipping), of its weight before the update, and |delta w| / |w| of the update applied
@@ -168,14 +174,12 @@ class LayerStats:
         self.names, self.params = zip(*model.named_parameters())
 
     def before_update(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.grad_norms = torch.stack(torch._foreach_norm(grads))
+        self.grad_norms = norms([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         self.weights = [p.detach().clone() for p in self.params]
 
     def after_update(self) -> dict[str, float]:
-        weight_norms = torch.stack(torch._foreach_norm(self.weights))
-        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in self.params],
-                                                                          self.weights)))
+        weight_norms = norms(self.weights)
+        update_norms = norms([p.detach() - before for p, before in zip(self.params, self.weights)])
         ratios = update_norms / weight_norms.clamp_min(torch.finfo(weight_norms.dtype).tiny)
         values = torch.stack([self.grad_norms.float(), weight_norms.float(), ratios.float()]).tolist()
         del self.weights

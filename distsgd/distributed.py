@@ -319,6 +319,7 @@ def average_gradients(buckets: list[list[torch.nn.Parameter]], world_size: int) 
     for bucket, flat, work in zip(buckets, flats, works):
         work.wait()
         grads = [p.grad for p in bucket]
+        # Every step: torch has no public batched copy (see batchnorm.BufferBackup.save).
         torch._foreach_copy_(grads, [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in bucket]), bucket)])
 
 

@@ -278,3 +278,21 @@ def test_bf16_is_refused_where_ddp_refuses_it(tmp_path):
     assert str(refused.value).startswith("trainer.comm_hook=bf16 is refused by DDP with backend gloo in this torch "
                                          "build (BF16 all reduce communication hook required CUDA 11+")
     assert str(refused.value).endswith("use trainer.comm_hook=fp16")
+
+
+def test_the_fields_of_torchs_hook_states_that_distsgd_reads_are_there():
+    # Undocumented: when torch renames one, this names it (and so does the hook's construction).
+    states = {comm.powerSGD_hook.PowerSGDState: comm.powerSGD_hook.PowerSGDState(process_group=None),
+              comm.post_localSGD_hook.PostLocalSGDState: comm.post_localSGD_hook.PostLocalSGDState(
+                  process_group=None, subgroup=None, start_localSGD_iter=1)}
+    for cls, names in comm.TORCH_STATE_FIELDS.items():
+        state = states[cls]
+        comm.check_torch_fields(state)
+        assert isinstance(state.iter, int)
+    powersgd = states[comm.powerSGD_hook.PowerSGDState]
+    assert all(isinstance(getattr(powersgd, name), dict) for name in ("error_dict", "p_memory_dict", "q_memory_dict"))
+    kind, keys, *rest = powersgd.rng.get_state()  # what rank_state saves of the generator of random Qs
+    assert kind == "MT19937" and keys.shape == (624,) and len(rest) == 3
+    del powersgd.error_dict  # as a torch without the field would be
+    with pytest.raises(RuntimeError, match="torch .*'s PowerSGDState has no error_dict, which distsgd reads"):
+        comm.check_torch_fields(powersgd)
