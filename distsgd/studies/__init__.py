@@ -39,6 +39,13 @@ def study(name: str):
     return importlib.import_module(STUDIES[name])
 
 
+def written_by_a_study(folder: Path) -> bool:
+    """Whether ``folder`` is one that a study wrote (and may replace): a real folder holding its
+    verdict.md or its commands.sh (written as its first run starts)."""
+    return folder.is_dir() and not folder.is_symlink() and any(
+        (folder / name).is_file() for name in ("verdict.md", "commands.sh"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=[*STUDIES, "all"], help="the study to run")
@@ -57,8 +64,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from distsgd.report import report
     from distsgd.studies import runs
 
+    names = list(STUDIES) if args.name == "all" else [args.name]
+    # Checked for every study before any runs: "all" does not stop half-way on a folder of the user's.
+    for name in names:
+        if (args.out / name).exists() and not written_by_a_study(args.out / name):
+            parser.exit(2, f"{parser.prog}: error: {args.out / name} exists and holds no verdict.md or commands.sh, "
+                           "so no study wrote it; a study replaces only its own folder: move it, or choose another "
+                           "--out\n")
     runs.quiet()
-    for name in STUDIES if args.name == "all" else [args.name]:
+    for name in names:
         if (args.out / name).exists():
             # A study starts afresh: runs left in its folder would be resumed as finished.
             print(f"{name}: replacing {args.out / name}")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from distsgd import data, models
 from distsgd import train as trainer
-from distsgd.config import CONF_DIR, Config, to_config
+from distsgd.config import CONF_DIR, Config, hydra_override, to_config
 from distsgd.metrics import read_scalars
 from distsgd.stopping import Stopped
 
@@ -102,8 +102,9 @@ def prepare(out: Path, name: str, overrides: Sequence[str], program: str = "dist
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
+    # Quoted for Hydra (a folder named like a sweep job's, a=1,b=2, is grammar to it), then for the shell.
     with (out / "commands.sh").open("a") as f:
-        f.write(shlex.join([program, f"hydra.run.dir={run_dir}", *overrides]) + "\n")
+        f.write(shlex.join([program, hydra_override("hydra.run.dir", run_dir), *overrides]) + "\n")
     return cfg, run_dir
 
 
