@@ -55,7 +55,7 @@ def test_an_outcome_writes_its_verdict_numbers_and_figure_links(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "numbers.json").read_text()) == {"steps": {"sgd": 4, "momentum": 3}}
     assert (tmp_path / "verdict.md").read_text() == (
-        "# A claim\n\nIt held: 3 < 4.\n\nClaim holds at this scale.\n\n![curves](curves.png)\n")
+        "# A claim\n\nIt held: 3 < 4.\n\nClaim holds on the held-out seeds at this scale.\n\n![curves](curves.png)\n")
 
 
 def test_every_study_is_importable_and_an_unknown_one_is_refused(capsys):

@@ -83,6 +83,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (args.out / name / "runs").is_dir():
             report([args.out / name / "runs"], args.out / name / "report")
         # A claim that does not hold at this scale is a finding, not an error: the exit code stays 0.
-        print(f"{name}: the claim {'holds' if outcome.holds else 'does not hold'} at this scale "
+        print(f"{name}: the claim {'holds' if outcome.holds else 'does not hold'} on the held-out seeds "
               f"({time.perf_counter() - started:.0f} s); {args.out / name / 'verdict.md'}")
         print(outcome.verdict)

@@ -218,7 +218,7 @@ class Outcome:
         out.mkdir(parents=True, exist_ok=True)
         (out / "numbers.json").write_text(json.dumps(self.numbers, indent=2, default=float) + "\n")
         lines = [f"# {self.title}", "", self.verdict, "",
-                 f"Claim {'holds' if self.holds else 'does not hold'} at this scale.", ""]
+                 f"Claim {'holds' if self.holds else 'does not hold'} on the held-out seeds at this scale.", ""]
         lines += [f"![{path.stem}]({path.relative_to(out) if path.is_relative_to(out) else path})"
                   for path in self.figures]
         (out / "verdict.md").write_text("\n".join(lines) + "\n")
