@@ -7,8 +7,10 @@ A study trains its runs in this process (``runs.train``: the same config and cod
 ``distsgd-train`` with the overrides it records in ``commands.sh``), then writes its figures and
 ``verdict.md`` into its folder (default ``reproductions/<name>``), with a ``report/`` of all its
 runs from distsgd.report. Each study module has ``TITLE`` and ``run(out, quick=False) -> Outcome``;
-``quick`` is the seconds-long version of the claim that the test suite asserts.
-docs/reproductions.md holds the claims, the commands, the figures and the verdicts.
+``quick`` is the seconds-long version of the claim that the test suite asserts. Every study fixes
+its constants on the tuning seed and computes its verdict on held-out seeds (runs.TUNING_SEED,
+runs.HELD_OUT_SEEDS); its docstring says what was tuned on what, and what changed after a first
+result. docs/reproductions.md holds the claims, the commands, the figures and the verdicts.
 """
 
 from __future__ import annotations

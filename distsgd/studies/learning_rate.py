@@ -225,8 +225,9 @@ def plot_sweep(path: Path, n: dict) -> Path:
     axes[0, 1].set(title=f"Validation accuracy ({n['validation_samples']} digits)")
     for seed, test, color in zip(n["seeds"], n["range_tests"], ["C0", "C9", "C7", "C8"]):
         axes[0, 2].plot(test["lrs"], test["smoothed"], color=color, label=f"range test, seed {seed}")
-    axes[0, 2].set(xscale="log", xlabel="learning rate", ylabel="smoothed batch loss",
-                   title=f"LR range test, {len(n['range_tests'][0]['lrs'])} updates")
+    # Log y: a diverging sweep's last values would flatten the rest of the curve.
+    axes[0, 2].set(xscale="log", yscale="log", xlabel="learning rate", ylabel="smoothed batch loss",
+                   title=f"LR range test, at most {max(len(t['lrs']) for t in n['range_tests'])} updates")
     for ax in axes[0]:
         ax.axvspan(best / NEAR, best * NEAR, color="C2", alpha=0.12, label=f"within x{NEAR:g} of the best")
         ax.axvline(best, color="C2", linewidth=1.5, label=f"best grid rate {best:.3g}")
