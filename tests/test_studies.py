@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import distsgd.studies
 from distsgd import figures
-from distsgd.studies import STUDIES, main, runs, study
+from distsgd.studies import STUDIES, adaptive, main, momentum, runs, study
 
 TINY = ["data.num_samples=256", "model.width=8", "trainer.max_steps=6", "trainer.log_every=2", "trainer.device=cpu"]
 
@@ -104,3 +104,14 @@ def test_a_study_replaces_only_a_folder_that_a_study_wrote(capsys, monkeypatch, 
     main(["momentum", "--out", str(tmp_path)])
     assert ran == [mine] and sorted(p.name for p in mine.iterdir()) == ["numbers.json", "verdict.md"]
     assert f"momentum: replacing {mine}" in capsys.readouterr().out
+
+
+def test_the_files_a_study_writes_are_named_for_hydra_too(tmp_path):
+    """Studies that train on a file they write name it in an override: in a folder such as a
+    sweep job's, that override must still compose to the file."""
+    folder = tmp_path / "optim.lr=0.1,trainer.seed=1"
+    quadratic = momentum.make_quadratic(folder / "quadratic.npz", momentum.QUICK)
+    wilson = adaptive.make_wilson(folder / "wilson.npz", adaptive.QUICK.wilson)
+    for overrides in [*momentum.plan(quadratic, momentum.QUICK).values(),
+                      *adaptive.wilson_plan(adaptive.QUICK.wilson, wilson).values()]:
+        assert runs.compose_config(overrides).data.path in (str(quadratic.path), str(wilson.path))

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from distsgd import figures
+from distsgd.config import hydra_override
 from distsgd.studies import runs
 
 TITLE = "Adaptive methods against SGD with momentum: digits, and the construction of Wilson et al. (2017)"
@@ -161,8 +162,8 @@ def digits_overrides(d: Digits, method: str, lr: float, seed: int) -> list[str]:
 
 def wilson_plan(w: Wilson, problem: WilsonProblem) -> dict[str, list[str]]:
     """The five runs on one problem: GD and SGD (optim=sgd), and the adaptive methods."""
-    wilson = ["data=npz", f"data.path={problem.path}", "data.val_fraction=0", "model=linear", "model.bias=false",
-              "model.init=zeros", f"trainer.max_steps={w.steps}", "trainer.log_every=1",
+    wilson = ["data=npz", hydra_override("data.path", problem.path), "data.val_fraction=0", "model=linear",
+              "model.bias=false", "model.init=zeros", f"trainer.max_steps={w.steps}", "trainer.log_every=1",
               f"trainer.checkpoint_every={w.checkpoint_every}", "trainer.keep_checkpoints=0"]
     planned = {}
     for run_name, lr in w.lrs.items():

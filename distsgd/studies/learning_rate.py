@@ -190,7 +190,8 @@ def describe(n: dict, seeds: str) -> str:
         f"above the best whose runs end no better than a uniform guess is {min(failing, default=math.nan):.3g}, and "
         f"the highest ends at {loss[-1]:.3g} ({'fails' if checks['highest_fails'] else 'does not fail'}); the "
         f"largest rate at which no seed blew up is {n['largest_stable_lr']:.3g}. The range test "
-        f"(at most {max(len(t['lrs']) for t in tests)} updates) suggests {steepest} (read back by its smoothing's lag from {as_read}), "
+        f"(at most {max(len(t['lrs']) for t in tests)} updates) suggests {steepest} (read back by its smoothing's lag "
+        f"from {as_read}), "
         f"{ratios}x the best grid rate: {'all within' if checks['suggestion_near'] else 'not all within'} "
         f"x{NEAR:g}. Its other rule, the lowest smoothed loss / 10, gives {other}."
     )
