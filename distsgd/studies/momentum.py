@@ -110,7 +110,8 @@ def plan(problem: Quadratic, s: Setting) -> dict[str, list[str]]:
     """The runs, by role: the same lr for SGD, heavy ball and Nesterov, SGD at lr / (1 - beta), and
     heavy ball and SGD at ``unstable_lr``."""
     base = ["data=npz", hydra_override("data.path", problem.path), "data.val_fraction=0",
-            f"data.global_batch_size={s.samples}", "model=linear", "model.bias=false", "model.init=zeros", "trainer.log_every=1"]
+            f"data.global_batch_size={s.samples}", "model=linear", "model.bias=false", "model.init=zeros",
+            "trainer.log_every=1"]
     # Every checkpoint kept: the weights along the way, for the excess in the overdamped directions.
     kept = [*base, f"trainer.checkpoint_every={s.checkpoint_every}", "trainer.keep_checkpoints=0"]
     momentum = [f"optim.momentum={BETA}"]
