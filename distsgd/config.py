@@ -362,6 +362,13 @@ class DiagnosticsConfig:
             _check_positive("diagnostics.noise_ema_samples", self.noise_ema_samples)
 
 
+# The LR range test's suggestion is read past the skipped first 10% of its sweep
+# (lr_find.SKIPPED_FRACTION), from a moving average of about 1/(1-beta) losses, 5 at the default
+# beta: 20 updates leave 17 rows past the skip for a descent and a minimum after it, a few averaging
+# windows. With fewer no rate can be read (lr_find.steps=2 skips its only row after the first).
+MIN_LR_FIND_STEPS = 20
+
+
 @dataclass
 class LrFindConfig:
     # The LR range test (python -m distsgd.lr_find) takes `steps` updates, at rates growing by the
@@ -378,7 +385,9 @@ class LrFindConfig:
     def __post_init__(self) -> None:
         _check_positive("lr_find.min_lr", self.min_lr)
         _check(self.max_lr > self.min_lr, "lr_find.max_lr", f"> lr_find.min_lr={self.min_lr}", self.max_lr)
-        _check(self.steps >= 2, "lr_find.steps", ">= 2", self.steps)
+        _check(self.steps >= MIN_LR_FIND_STEPS, "lr_find.steps",
+               f">= {MIN_LR_FIND_STEPS} (the rate is read past the sweep's first 10%, from a moving average of "
+               "several updates: shorter sweeps leave no rate to read)", self.steps)
         _check(0 <= self.beta < 1, "lr_find.beta", "in [0, 1)", self.beta)
 
 

@@ -12,6 +12,14 @@ batch are the training run's; optim.lr, the schedule and the run's length are no
 ``train/loss``). Rank 0 writes ``lr_find.csv`` and ``lr_find.png`` into the run directory,
 ``outputs/lr_find/<id>`` unless ``hydra.run.dir`` says otherwise, and nothing else: no checkpoint,
 and no config is changed.
+
+The suggestion is the rate at which the loss falls fastest per unit of log lr. The losses are
+smoothed by a moving average as they come (the stop rule needs it), which trails them: its slope at
+row i shows the updates about lag(i) = beta/(1-beta) + 1/2 rows earlier (the mean age of its
+weights, plus half a row because row i is measured before update i). The steepest descent is
+therefore read back by that lag: row i's rate divided by the sweep's per-update factor to the
+power lag(i). Read where it shows, it lands 1.7x too high on a 100-update sweep over 5 decades
+(beta 0.8); docs/reproductions.md (section 1) measures both readings against grids of full runs.
 """
 
 from __future__ import annotations
@@ -73,10 +81,22 @@ class SmoothedLoss:
         return not math.isfinite(smoothed) or smoothed > DIVERGENCE * self.best
 
 
+def lag(row: int, beta: float) -> float:
+    """How many updates the smoothed loss's slope at ``row`` trails the rates that caused it: the
+    mean age of the moving average's weights there (beta/(1-beta) once it is full, less before),
+    plus 1/2 because row i is measured before update i, so that its change from row i-1 to row i+1
+    is the work of updates i-1 and i. Exact while the loss is linear in the update over the
+    averaging window; at a descent narrower than the window the steepest row lags less, and the
+    rate read back lands up to a few updates early."""
+    weights = beta ** np.arange(row + 1)
+    return float(np.arange(row + 1) @ weights / weights.sum()) + 0.5
+
+
 @dataclass(frozen=True)
 class Suggestion:
-    steepest: float  # the rate where the smoothed loss falls fastest per unit of log lr
-    lowest: float  # the rate of the lowest smoothed loss; lowest / 10 is the other rule's rate
+    steepest: float  # the rate whose updates lower the loss fastest per unit of log lr, read back by the lag
+    lowest: float  # the rate of the lowest smoothed loss, as fastai reads it; lowest / 10 is the other rule's rate
+    rows: tuple[int, int]  # the smoothed curve's rows of steepest descent and of its lowest value
 
 
 @dataclass(frozen=True)
@@ -92,9 +112,18 @@ class Sweep:
         """The update with the lowest finite smoothed loss (0 if there is none)."""
         return int(np.argmin([s if math.isfinite(s) else math.inf for s in self.smoothed]))
 
+    def rate_behind(self, row: int, beta: float) -> float:
+        """The rate whose updates the smoothed slope at ``row`` shows: the sweep's rate ``lag``
+        updates before that row's (the rates grow geometrically, so between the sweep's rows)."""
+        ratio = self.lrs[1] / self.lrs[0]
+        return self.lrs[row] * ratio ** -lag(row, beta)
+
     def suggest(self, cfg: LrFindConfig) -> Suggestion | None:
         """The rates the two rules read off the smoothed loss up to its minimum, or None when that
-        minimum lies within the skipped start of the range (the loss never fell past it)."""
+        minimum lies within the skipped start of the range (the loss never fell past it). The
+        steepest descent is read back by the smoothing's lag: read where it shows, it lands
+        beta/(1-beta) + 1/2 updates late, 1.7x too high on a 100-update sweep over 5 decades. The
+        other rule is fastai's as it stands, whose factor 10 was chosen on their lagging curve."""
         first = math.ceil(SKIPPED_FRACTION * (cfg.steps - 1))
         if self.lowest <= first:
             return None
@@ -102,7 +131,27 @@ class Sweep:
         finite = [s for s in self.smoothed if math.isfinite(s)]
         slope = np.gradient(finite, np.log(self.lrs[:len(finite)]))
         steepest = first + int(np.argmin(slope[first:self.lowest + 1]))
-        return Suggestion(self.lrs[steepest], self.lrs[self.lowest])
+        return Suggestion(self.rate_behind(steepest, cfg.beta), self.lrs[self.lowest], (steepest, self.lowest))
+
+    def why_none(self, cfg: LrFindConfig) -> str:
+        """Why ``suggest`` found no rate, and what can change that (lowering lr_find.min_lr only
+        helps where the loss rose from the start)."""
+        lowest = self.lowest
+        if not math.isfinite(self.smoothed[0]):
+            return ("the initial model's loss is not finite (row 1 is measured before any update), so no learning "
+                    "rate can help: check the data (non-finite inputs or targets) and the model")
+        where = f"the smoothed loss was lowest at lr {self.lrs[lowest]:.3g}, in the first {SKIPPED_FRACTION:.0%} " \
+                "of the sweep"
+        if not self.stopped:
+            return (f"{where}, and it did not diverge up to lr_find.max_lr={cfg.max_lr:g}: no rate of the range "
+                    "lowered the loss, and a lower lr_find.min_lr cannot help; raise lr_find.max_lr, or check "
+                    "that the model can learn from the data")
+        if len(self.lrs) <= 2 * math.ceil(SKIPPED_FRACTION * (cfg.steps - 1)) + 1:
+            return (f"{where}, and it diverged soon after, at lr {self.lrs[-1]:.3g}: the range starts too high; "
+                    "lower lr_find.min_lr")
+        return (f"{where}; it stayed above that until it diverged at lr {self.lrs[-1]:.3g}, so no rate of the "
+                "range lowered the loss and a lower lr_find.min_lr cannot help: more lr_find.steps (a finer sweep) "
+                "or a larger global batch (less noise) may show a rate that does")
 
 
 def sweep(config: Config, dataset: data.Dataset, dist: Dist) -> Sweep:
@@ -150,8 +199,10 @@ def plot(result: Sweep, suggestion: Suggestion | None, path: Path) -> None:
     ax.plot(result.lrs, result.losses, color="0.65", linewidth=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
     if suggestion is not None:
+        ax.axvline(result.lrs[suggestion.rows[0]], color="C2", linestyle=":", linewidth=1,
+                   label="steepest descent of the smoothed loss")
         ax.axvline(suggestion.steepest, color="C2", linestyle="--",
-                   label=f"suggested: steepest descent, {suggestion.steepest:.3g}")
+                   label=f"suggested: the same, read back by its lag, {suggestion.steepest:.3g}")
         ax.axvline(suggestion.lowest / 10, color="C1", linestyle=":",
                    label=f"lowest smoothed loss / 10, {suggestion.lowest / 10:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="global batch loss",
@@ -171,7 +222,8 @@ def describe(result: Sweep, suggestion: Suggestion, config: Config) -> list[str]
               f"{result.global_batch})" if config.optim.scaling != "none" else "")
     return [f"lr_find: {len(result.lrs)} updates; {stop}",
             f"suggested lr: {suggestion.steepest:.3g} for global batch size {result.global_batch} "
-            "(steepest descent of the smoothed loss in log lr)",
+            f"(steepest descent of the smoothed loss in log lr, shown at lr {result.lrs[suggestion.rows[0]]:.3g} "
+            f"and read back by the smoothing's lag of {lag(suggestion.rows[0], config.lr_find.beta):.1f} updates)",
             f"alternative: {suggestion.lowest / 10:.3g} (lowest smoothed loss at lr {suggestion.lowest:.3g}, / 10)",
             f"nothing applied; to train at the suggestion: optim.lr={suggestion.steepest / scaling:.3g}{scaled}"]
 
@@ -191,10 +243,8 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> Sweep:
         write_csv(result, run_dir / "lr_find.csv")
         plot(result, suggestion, run_dir / "lr_find.png")
     if suggestion is None:
-        lowest = result.lowest
-        why = (f"the smoothed loss was lowest at lr {result.lrs[lowest]:.3g}, in the first {SKIPPED_FRACTION:.0%} of "
-               "the sweep" if math.isfinite(result.smoothed[lowest]) else "the first loss was not finite")
-        raise ConfigError(f"lr_find: {why}: no rate to suggest; lower lr_find.min_lr (see {run_dir / 'lr_find.png'})")
+        raise ConfigError(f"lr_find: no rate to suggest: {result.why_none(config.lr_find)} "
+                          f"(see {run_dir / 'lr_find.png'})")
     for line in describe(result, suggestion, config):
         log.info("%s", line)
     log.info("curve: %s, %s", run_dir / "lr_find.csv", run_dir / "lr_find.png")

@@ -96,13 +96,15 @@ def test_two_processes_sweep_as_one_stop_together_and_rank_0_alone_reports(sweep
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     stdout, suggestion = sweeps["stdout"], one.suggest(LrFindConfig(min_lr=1e-3))
     assert stdout.count("suggested lr:") == 1, stdout
-    assert f"suggested lr: {suggestion.steepest:.3g} for global batch size 256 (steepest descent" in stdout
+    assert f"suggested lr: {suggestion.steepest:.3g} for global batch size 256 (steepest descent of the smoothed " \
+           f"loss in log lr, shown at lr {one.lrs[suggestion.rows[0]]:.3g} and read back by the smoothing's lag of " \
+           f"{lr_find.lag(suggestion.rows[0], 0.8):.1f} updates)" in stdout
     assert f"alternative: {suggestion.lowest / 10:.3g} (lowest smoothed loss at lr {suggestion.lowest:.3g}" in stdout
 
 
 def test_rates_smoothing_and_the_stop_rule():
-    assert lr_find.rates(LrFindConfig(min_lr=1e-3, max_lr=10, steps=5)) == pytest.approx([1e-3, 1e-2, 0.1, 1, 10],
-                                                                                          rel=1e-12)
+    assert lr_find.rates(LrFindConfig(min_lr=1e-3, max_lr=10, steps=21))[::5] == pytest.approx(
+        [1e-3, 1e-2, 0.1, 1, 10], rel=1e-12)
     smoothing = lr_find.SmoothedLoss(beta=0.5)
     assert smoothing.add(4.0) == 4.0  # bias-corrected: the first loss is its own average
     assert smoothing.add(1.0) == pytest.approx((0.5 * 4.0 + 1.0) / 1.5)  # = 2, the lowest so far
@@ -117,14 +119,51 @@ def test_the_suggestions_follow_their_rules():
     # the steepest descent between them is at index 7 (central differences: -1.4 per step).
     smoothed = [9, 5, 5, 5, 4.9, 4.7, 4.3, 3.5, 1.5, 1.2, 1.0, 0.9, 0.85, 8.0, 1.0, 2.0, math.inf]
     suggestion = lr_find.Sweep(lrs[:17], smoothed, smoothed, "diverged", 32).suggest(cfg)
-    assert (suggestion.steepest, suggestion.lowest) == (lrs[7], lrs[12])
+    assert suggestion.rows == (7, 12) and suggestion.lowest == lrs[12]
+    # Row 7's slope shows the updates lag(7) rows earlier: the mean age of the moving average's 8
+    # weights 0.8^k, plus half a row (a row is measured before its own update).
+    weights = 0.8 ** np.arange(8)
+    assert lr_find.lag(7, 0.8) == pytest.approx(np.arange(8) @ weights / weights.sum() + 0.5)
+    assert lr_find.lag(500, 0.8) == pytest.approx(0.8 / 0.2 + 0.5)
+    assert suggestion.steepest == pytest.approx(lrs[7] * (lrs[1] / lrs[0]) ** -lr_find.lag(7, 0.8))
     assert lr_find.Sweep(lrs[:5], [3, 2, 1.9, 3, 20], [3, 2, 1.9, 3, 20], "diverged", 32).suggest(cfg) is None
     assert lr_find.Sweep(lrs[:1], [math.nan], [math.nan], "non-finite", 32).suggest(cfg) is None
 
 
+def test_the_suggestion_is_read_back_by_the_smoothings_lag():
+    """On a loss whose updates lower it fastest at update 45, the suggestion lands within one of
+    the sweep's steps of that update's rate; read where the smoothed slope shows it, it would land
+    lag = beta/(1-beta) + 1/2 = 4.5 updates later."""
+    cfg = LrFindConfig(min_lr=1e-4, max_lr=10, steps=100)
+    lrs, ratio = lr_find.rates(cfg), 10 ** (5 / 99)
+    drops = 0.05 * np.exp(-((np.arange(100) - 45) / 15) ** 2)  # what update j takes off the loss
+    losses = [3 - drops[:i].sum() + 0.02 * max(0, i - 80) ** 2 for i in range(100)]  # row i: before update i
+    smoothing = lr_find.SmoothedLoss(cfg.beta)
+    suggestion = lr_find.Sweep(lrs, losses, [smoothing.add(loss) for loss in losses], "", 32).suggest(cfg)
+    assert abs(math.log(suggestion.steepest / lrs[45])) <= math.log(ratio), suggestion
+    assert suggestion.rows[0] - 45 in (4, 5), suggestion
+
+
+def test_no_rate_to_suggest_says_what_can_help():
+    cfg = LrFindConfig(min_lr=1e-7, max_lr=1e-3, steps=20)
+    lrs = lr_find.rates(cfg)
+    # The initial model's loss is not finite: no range helps.
+    why = lr_find.Sweep(lrs[:1], [math.nan], [math.nan], "a non-finite loss or gradient", 32).why_none(cfg)
+    assert why.startswith("the initial model's loss is not finite") and "min_lr" not in why
+    # The whole range ran without the loss falling past its start: the rates were too low.
+    flat = [2.0, 1.9] + [2.0] * 18
+    why = lr_find.Sweep(lrs, flat, flat, "", 32).why_none(cfg)
+    assert "a lower lr_find.min_lr cannot help; raise lr_find.max_lr" in why, why
+    # Flat until it diverged, late in the range: neither end of the range is the trouble.
+    late = [2.0, 1.9] + [2.0] * 14 + [9.0]
+    why = lr_find.Sweep(lrs[:17], late, late, "diverged", 32).why_none(cfg)
+    assert "a lower lr_find.min_lr cannot help: more lr_find.steps" in why, why
+
+
 def test_a_sweep_that_diverges_from_the_start_writes_its_curve_and_refuses_to_suggest(tmp_path):
-    with pytest.raises(ConfigError, match=r"lr_find: the smoothed loss was lowest at lr 5, in the first 10% of the "
-                                          r"sweep: no rate to suggest; lower lr_find.min_lr"):
+    with pytest.raises(ConfigError, match=r"lr_find: no rate to suggest: the smoothed loss was lowest at lr 5, in the "
+                                          r"first 10% of the sweep, and it diverged soon after, at lr \S+: the range "
+                                          r"starts too high; lower lr_find.min_lr \(see "):
         lr_find.run(make_config(*LEAST_SQUARES, "lr_find.min_lr=5", "lr_find.max_lr=50", "lr_find.steps=20"), tmp_path)
     header, rows = read_csv(tmp_path / "lr_find.csv")
     assert rows[0, 0] == 5 and 2 <= len(rows) < 20
@@ -134,7 +173,8 @@ def test_a_sweep_that_diverges_from_the_start_writes_its_curve_and_refuses_to_su
 @pytest.mark.parametrize("override,message", [
     ("lr_find.min_lr=0", "lr_find.min_lr must be > 0"),
     ("lr_find.max_lr=1e-8", "lr_find.max_lr must be > lr_find.min_lr=1e-07, got 1e-08"),
-    ("lr_find.steps=1", "lr_find.steps must be >= 2"),
+    ("lr_find.steps=2", "lr_find.steps must be >= 20 (the rate is read past the sweep's first 10%, from a moving "
+                        "average of several updates: shorter sweeps leave no rate to read), got 2"),
     ("lr_find.beta=1", "lr_find.beta must be in [0, 1)"),
 ])
 def test_bad_keys_name_themselves(override, message):

@@ -1,11 +1,12 @@
 """The batch-size study (distsgd.studies.batch_size): the fit of McCandlish et al.'s front, and the
-quick version of the claim, trained through distsgd."""
+quick version of the claim on a held-out seed, trained through distsgd."""
 
 import math
 
 import numpy as np
 
-from distsgd.studies import batch_size
+from distsgd.metrics import read_scalars
+from distsgd.studies import batch_size, runs
 
 
 def test_front_fit_recovers_the_hyperbola_and_the_target_step_is_interpolated():
@@ -18,11 +19,20 @@ def test_front_fit_recovers_the_hyperbola_and_the_target_step_is_interpolated():
     assert math.isclose(batch_size.steps_to_target(evaluations, losses, 1.1), 15.0)
     assert batch_size.steps_to_target(evaluations, losses, 1.5) == 0.0
     assert batch_size.steps_to_target(evaluations, losses, 0.5) == math.inf
+    # The verdict says how B_crit and B_simple move as the target falls, from the numbers.
+    assert batch_size.trend([106, 129, 181]) == "rises at every lower target"
+    assert batch_size.trend([181, 179]) == "falls at every lower target"
+    assert batch_size.trend([106, 129, 181, 179]) == "does not move one way as the target falls"
 
 
 def test_quick_study_shows_perfect_scaling_then_diminishing_returns_and_b_simple_near_b_crit(tmp_path):
     outcome = batch_size.run(tmp_path, quick=True)
     numbers = outcome.numbers
+    # A held-out seed, to its own target: the lowest validation loss its runs logged plus the margin.
+    assert numbers["seeds"] == [runs.HELD_OUT_SEEDS[0]] and list(numbers["by_seed"]) == ["3"]
+    logged = [e.value for path in (tmp_path / "runs").iterdir()
+              for e in read_scalars(path / "tensorboard")["val/loss"]]
+    assert numbers["floor"] == {"3": min(logged)}
     steps = {int(b): row["steps"] for b, row in numbers["per_batch"].items()}
     assert sorted(steps) == batch_size.QUICK_BATCHES and numbers["all_reached"]
     # Below the knee a 4x batch takes about a quarter of the steps; far above it about as many.
@@ -35,6 +45,7 @@ def test_quick_study_shows_perfect_scaling_then_diminishing_returns_and_b_simple
     # grid and within the study's factor of B_crit.
     assert grid[0] < numbers["b_simple"] < grid[1]
     assert 1 / batch_size.NEAR < numbers["b_simple"] / numbers["b_crit"] < batch_size.NEAR
-    assert outcome.holds
+    assert outcome.holds and outcome.verdict.endswith("The claim holds on the held-out seeds.")
     assert all(path.is_file() for path in outcome.figures)
-    assert len((tmp_path / "commands.sh").read_text().splitlines()) == len(batch_size.QUICK_BATCHES)
+    commands = (tmp_path / "commands.sh").read_text().splitlines()
+    assert len(commands) == len(batch_size.QUICK_BATCHES) and all("data.seed=3 trainer.seed=3" in c for c in commands)

@@ -7,8 +7,10 @@ A study trains its runs in this process (``runs.train``: the same config and cod
 ``distsgd-train`` with the overrides it records in ``commands.sh``), then writes its figures and
 ``verdict.md`` into its folder (default ``reproductions/<name>``), with a ``report/`` of all its
 runs from distsgd.report. Each study module has ``TITLE`` and ``run(out, quick=False) -> Outcome``;
-``quick`` is the seconds-long version of the claim that the test suite asserts.
-docs/reproductions.md holds the claims, the commands, the figures and the verdicts.
+``quick`` is the seconds-long version of the claim that the test suite asserts. Every study fixes
+its constants on the tuning seed and computes its verdict on held-out seeds (runs.TUNING_SEED,
+runs.HELD_OUT_SEEDS); its docstring says what was tuned on what, and what changed after a first
+result. docs/reproductions.md holds the claims, the commands, the figures and the verdicts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def study(name: str):
     return importlib.import_module(STUDIES[name])
 
 
+def written_by_a_study(folder: Path) -> bool:
+    """Whether ``folder`` is one that a study wrote (and may replace): a real folder holding its
+    verdict.md or its commands.sh (written as its first run starts)."""
+    return folder.is_dir() and not folder.is_symlink() and any(
+        (folder / name).is_file() for name in ("verdict.md", "commands.sh"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=[*STUDIES, "all"], help="the study to run")
@@ -57,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from distsgd.report import report
     from distsgd.studies import runs
 
+    names = list(STUDIES) if args.name == "all" else [args.name]
+    # Checked for every study before any runs: "all" does not stop half-way on a folder of the user's.
+    for name in names:
+        if (args.out / name).exists() and not written_by_a_study(args.out / name):
+            parser.exit(2, f"{parser.prog}: error: {args.out / name} exists and holds no verdict.md or commands.sh, "
+                           "so no study wrote it; a study replaces only its own folder: move it, or choose another "
+                           "--out\n")
     runs.quiet()
-    for name in STUDIES if args.name == "all" else [args.name]:
+    for name in names:
         if (args.out / name).exists():
             # A study starts afresh: runs left in its folder would be resumed as finished.
             print(f"{name}: replacing {args.out / name}")
@@ -69,6 +85,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (args.out / name / "runs").is_dir():
             report([args.out / name / "runs"], args.out / name / "report")
         # A claim that does not hold at this scale is a finding, not an error: the exit code stays 0.
-        print(f"{name}: the claim {'holds' if outcome.holds else 'does not hold'} at this scale "
+        print(f"{name}: the claim {'holds' if outcome.holds else 'does not hold'} on the held-out seeds "
               f"({time.perf_counter() - started:.0f} s); {args.out / name / 'verdict.md'}")
         print(outcome.verdict)
