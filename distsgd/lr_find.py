@@ -29,7 +29,7 @@ import itertools
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from distsgd import data, distributed, figures, models, optim, train
 from distsgd.config import CONF_DIR, Config, ConfigError, LrFindConfig, to_config
 from distsgd.distributed import Dist
+from distsgd.metrics import flatten
 from distsgd.step import TrainStep
 from distsgd.stopping import hydra_errors, run_as_command
 
@@ -234,6 +235,7 @@ def run(cfg: DictConfig | Config, run_dir: Path) -> Sweep:
     dataset = data.load(config.data)
     dist = distributed.init(config.trainer.device, config.trainer.collective_timeout_s)
     try:
+        distributed.check_same_config({**flatten(asdict(config)), "run directory": str(run_dir)})
         result = sweep(config, dataset.place(dist.device, config.data.in_memory, config.data.num_workers), dist)
     finally:
         distributed.shutdown()
