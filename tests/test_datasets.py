@@ -8,14 +8,15 @@ import importlib.util
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from distsgd import readers
-from distsgd.config import ConfigError
+from distsgd import data, readers
+from distsgd.config import ConfigError, DataConfig
 from distsgd.readers import read_cifar10, read_digits, read_mnist
 from distsgd.transforms import CIFAR10_MEAN_STD, MNIST_MEAN_STD, crop_flip_params, normalize, random_crop_flip
 
@@ -256,6 +257,37 @@ def test_a_bad_digits_file_is_one_line_naming_it(tmp_path, monkeypatch, text, pr
     with pytest.raises(ConfigError, match=problem) as err:
         read_digits()
     assert str(err.value).startswith(f"digits: {path}: ") and "\n" not in str(err.value)
+
+
+def test_made_datasets_are_loaded_once_per_config_and_each_load_gets_its_own_tensors(monkeypatch):
+    reads = []
+    monkeypatch.setattr(readers, "read_digits", lambda: reads.append(1) or read_digits())
+    cfg = DataConfig(name="digits", val_fraction=0.125, seed=12345)  # a config no other test loads
+    first = data.load(cfg)
+    first.x_train.add_(1)  # what a run does to its tensors stays in that run
+    second = data.load(replace(cfg))
+    assert len(reads) == 1
+    assert torch.equal(second.x_train + 1, first.x_train) and torch.equal(second.y_val, first.y_val)
+    data.load(replace(cfg, seed=54321))  # another config: its own load
+    assert len(reads) == 2
+
+
+def test_a_made_dataset_larger_than_the_cache_is_made_anew(monkeypatch):
+    reads = []
+    monkeypatch.setattr(readers, "read_digits", lambda: reads.append(1) or read_digits())
+    monkeypatch.setattr(data, "MADE_SAMPLES_CACHE_BYTES", 1000)  # below the digits' 0.47 MB
+    cfg = DataConfig(name="digits", val_fraction=0.25, seed=12345)
+    first, second = data.load(cfg), data.load(cfg)
+    assert len(reads) == 2 and torch.equal(first.x_train, second.x_train)
+
+
+def test_files_are_read_anew_by_every_load(tmp_path):
+    path = tmp_path / "d.npz"
+    cfg = DataConfig(name="npz", path=str(path), val_fraction=0)
+    np.savez(path, x=np.zeros((4, 2), np.float32), y=np.arange(4))
+    assert data.load(cfg).x_train.sum() == 0
+    np.savez(path, x=np.ones((4, 2), np.float32), y=np.arange(4))
+    assert data.load(cfg).x_train.sum() == 8
 
 
 def test_normalize_by_hand():
