@@ -446,9 +446,10 @@ def _hydra_output_subdir() -> Optional[str]:
     return ".hydra" if _launch_rank() == 0 else None
 
 
-def schema_keys() -> list[str]:
+@functools.cache  # Hydra resolves the folder names, which need these, several times per sweep job
+def schema_keys() -> tuple[str, ...]:
     """Every config key, as ``group.key``, in the schemas' order."""
-    return _key_paths(OmegaConf.to_container(OmegaConf.structured(Config)))
+    return tuple(_key_paths(OmegaConf.to_container(OmegaConf.structured(Config))))
 
 
 def swept_keys(sweep_dir: str | Path) -> list[str]:
@@ -456,9 +457,14 @@ def swept_keys(sweep_dir: str | Path) -> list[str]:
     command-line order; none where no sweep has started."""
     # A job's own config holds only its values; the sweeper saves the command line's before the first job.
     path = Path(sweep_dir) / "multirun.yaml"
-    saved = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task", default=[]) if path.is_file() else []
-    return [override.key_or_group for override in OverridesParser.create().parse_overrides(list(saved))
-            if override.is_sweep_override()]
+    return list(_swept_keys_of(path.read_text(encoding="utf-8"))) if path.is_file() else []
+
+
+@functools.lru_cache(maxsize=4)  # by the file's text, never stale: parsing it took ~50 ms, several times per job
+def _swept_keys_of(multirun_yaml: str) -> tuple[str, ...]:
+    saved = OmegaConf.select(OmegaConf.create(multirun_yaml), "hydra.overrides.task", default=[])
+    return tuple(override.key_or_group for override in OverridesParser.create().parse_overrides(list(saved))
+                 if override.is_sweep_override())
 
 
 def folder_name_excluded_keys(sweep_dir: str) -> list[str]:
