@@ -143,7 +143,8 @@ EOF
 trap summary EXIT
 trap 'status[$current]=interrupted; failed=1; exit' TERM INT
 
-step pytest "$py" -m pytest -m cuda -v "$@"
+# A test module that needs what the GPU machine lacks (an Optuna sweep, say) costs its own tests only.
+step pytest "$py" -m pytest -m cuda -v --continue-on-collection-errors "$@"
 # name|arguments of scripts/bench.py, as docs/benchmarks.md lists them
 benches=(
     "mlp|--device cuda --steps 300"
