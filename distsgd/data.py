@@ -157,16 +157,12 @@ def _as_batch(batch):
 
 def load(cfg: DataConfig) -> Dataset:
     match cfg.name:
-        case "synthetic":
-            x, y = _synthetic_classification(cfg)
-        case "synthetic_regression":
-            x, y = _synthetic_regression(cfg)
+        case "synthetic" | "synthetic_regression" | "digits":
+            x, y = _made_samples(cfg)
         case "npz":
             x, y = _read_npz(Path(cfg.path))
         case "arrays":
             return _read_arrays(Path(cfg.x), Path(cfg.y), cfg.val_fraction, cfg.seed)
-        case "digits":
-            x, y = readers.read_digits()
         case "mnist":
             # The official test set is the validation set; data.val_fraction does not apply.
             return Dataset(*_checked_root(cfg, readers.read_mnist), "classification", 10,
@@ -180,6 +176,33 @@ def load(cfg: DataConfig) -> Dataset:
 def train_size(cfg: DataConfig) -> int:
     """The training samples that ``cfg`` gives: what an epoch holds."""
     return len(load(cfg).x_train)
+
+
+# Samples that distsgd makes (synthetic) or reads from a package (digits), by data config, kept
+# for the process's next load: the jobs of a sweep in one process share them. Files a user names
+# (npz, arrays, mnist, cifar10) are read anew every time, so a changed file is never served stale.
+MADE_SAMPLES_CACHE_BYTES = 2**28
+_made_samples_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _made_samples(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y of data=synthetic, synthetic_regression or digits. The cached tensors are never handed
+    out: the split copies them (indexing by a permutation), so no run changes what the next gets."""
+    key = repr(cfg)  # every field, so that no config can get another's samples
+    samples = _made_samples_cache.get(key)
+    if samples is None:
+        match cfg.name:
+            case "synthetic":
+                samples = _synthetic_classification(cfg)
+            case "synthetic_regression":
+                samples = _synthetic_regression(cfg)
+            case "digits":
+                samples = readers.read_digits()
+        _made_samples_cache[key] = samples
+        # Oldest first, this one too when it alone is larger than the budget.
+        while sum(x.nbytes + y.nbytes for x, y in _made_samples_cache.values()) > MADE_SAMPLES_CACHE_BYTES:
+            del _made_samples_cache[next(iter(_made_samples_cache))]
+    return samples
 
 
 def _checked_root(cfg: DataConfig, reader):

@@ -8,6 +8,8 @@ as a shape error or a silently wrong label mid-run. Images are returned as uint8
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import warnings
 import zlib
 from pathlib import Path
 
@@ -21,6 +23,7 @@ _IDX_LABELS, _IDX_IMAGES = 2049, 2051  # 0x0801, 0x0803: unsigned bytes, 1 or 3 
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE
 _CIFAR_SUBDIR = "cifar-10-batches-bin"  # what cifar-10-binary.tar.gz unpacks to
+DIGITS_FILE = ("datasets", "data", "digits.csv.gz")  # in scikit-learn's package, as load_digits finds it
 
 
 def read_mnist(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -59,14 +62,48 @@ def read_cifar10(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def read_digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 digits (no download): x float32 [1797, 1, 8, 8] in [0, 1], y int64."""
-    try:
+    """scikit-learn's bundled 8x8 digits (no download): x float32 [1797, 1, 8, 8] in [0, 1], y int64.
+
+    Read from the file that ``sklearn.datasets.load_digits`` reads, without importing scikit-learn:
+    that import (scipy.stats with it) took longer than a short run's training. Where the file is
+    not found, load_digits reads it."""
+    path = _digits_file()
+    if path is not None:
+        rows = _read_digits_csv(path)
+    else:
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise ConfigError("data=digits needs scikit-learn: pip install 'distsgd[datasets]'") from None
-    digits = load_digits()
-    x = torch.from_numpy(digits.images.astype(np.float32) / 16).unsqueeze(1)  # pixels are 0..16
-    return x, torch.from_numpy(digits.target.astype(np.int64))
+
+        digits = load_digits()
+        rows = np.column_stack([digits.data, digits.target])
+    x = torch.from_numpy(rows[:, :-1].astype(np.float32) / 16).reshape(-1, 1, 8, 8)  # pixels are 0..16
+    return x, torch.from_numpy(rows[:, -1].astype(np.int64))
+
+
+def _digits_file() -> Path | None:
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    if spec is None:
+        raise ConfigError("data=digits needs scikit-learn: pip install 'distsgd[datasets]'")
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder).joinpath(*DIGITS_FILE)
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_digits_csv(path: Path) -> np.ndarray:
+    """Rows of 64 pixels (0..16) and a label (0..9), as scikit-learn writes them."""
+    try:
+        with gzip.open(path, "rt") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty file: 0 rows, refused below
+            rows = np.loadtxt(f, delimiter=",", ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise ConfigError(f"digits: {path}: unreadable ({err})") from None
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if not (len(rows) and rows.shape[1] == 65 and (rows == np.round(rows)).all()
+            and 0 <= pixels.min() and pixels.max() <= 16 and 0 <= labels.min() and labels.max() <= 9):
+        raise ConfigError(f"digits: {path}: not rows of 64 pixels in 0..16 and a label in 0..9 "
+                          f"(read {rows.shape[0]} rows of {rows.shape[1]} values)")
+    return rows
 
 
 def _find_idx(path: Path) -> Path:

@@ -11,7 +11,8 @@ import torch
 from conftest import CONF, make_config
 
 from distsgd import batchnorm, data, distributed, models, optim
-from distsgd.config import MODEL_KEYS, MODELS, OPTIM_KEYS, OPTIMIZERS, ConfigError, ModelConfig, OptimConfig, to_config
+from distsgd.config import (MODEL_KEYS, MODELS, OPTIM_KEYS, OPTIMIZERS, ConfigError, ModelConfig, OptimConfig, swept_keys,
+                            to_config)
 from distsgd.train import Plan
 
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -280,3 +281,14 @@ def test_hydra_override_reads_back_as_the_value(value):
     argument = hydra_override("hydra.run.dir", value)
     assert OverridesParser.create().parse_override(argument).value() == value
     assert ("'" in argument) == (value != "/plain/path-1.2")
+
+
+def test_swept_keys_follow_the_sweep_file_when_it_changes(tmp_path):
+    # Parsing the file is cached by its text: a new sweep into the same folder is read anew, even
+    # one whose file has the same size and time stamp.
+    assert swept_keys(tmp_path) == []
+    task = "hydra:\n  overrides:\n    task:\n    - {}\n    - {}\n"
+    (tmp_path / "multirun.yaml").write_text(task.format("optim.lr=0.1,0.2", "data.seed=3"))
+    assert swept_keys(tmp_path) == ["optim.lr"]
+    (tmp_path / "multirun.yaml").write_text(task.format("optim.lr=0.3", "data.seed=1,2"))
+    assert swept_keys(tmp_path) == ["data.seed"]

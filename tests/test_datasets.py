@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import gzip
+import importlib.machinery
+import importlib.util
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from distsgd.config import ConfigError
+from distsgd import data, readers
+from distsgd.config import ConfigError, DataConfig
 from distsgd.readers import read_cifar10, read_digits, read_mnist
 from distsgd.transforms import CIFAR10_MEAN_STD, MNIST_MEAN_STD, crop_flip_params, normalize, random_crop_flip
 
@@ -205,7 +209,24 @@ def test_read_digits():
     assert x.min() == 0 and x.max() == 1
     assert y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
     from sklearn.datasets import load_digits
-    np.testing.assert_array_equal((x.reshape(1797, 64) * 16).numpy(), load_digits().data)
+    digits = load_digits()
+    # Bit for bit what load_digits gives, as distsgd read it before it read the file itself.
+    assert torch.equal(x, torch.from_numpy(digits.images.astype(np.float32) / 16).unsqueeze(1))
+    assert torch.equal(y, torch.from_numpy(digits.target.astype(np.int64)))
+
+
+def test_read_digits_reads_the_file_without_importing_scikit_learn(monkeypatch):
+    expected = read_digits()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now fails
+    x, y = read_digits()
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+
+
+def test_read_digits_asks_load_digits_where_the_file_is_not_found(monkeypatch):
+    expected = read_digits()
+    monkeypatch.setattr(readers, "DIGITS_FILE", ("datasets", "data", "moved.csv.gz"))
+    x, y = read_digits()
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
 
 
 def test_read_digits_without_sklearn_says_what_to_install(monkeypatch):
@@ -213,6 +234,60 @@ def test_read_digits_without_sklearn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ConfigError, match=re.escape("pip install 'distsgd[datasets]'")):
         read_digits()
+
+
+DIGIT_ROW = ",".join(["16"] * 64 + ["9"]) + "\n"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "not rows of 64 pixels"),
+    (DIGIT_ROW.replace("16", "17", 1), "not rows of 64 pixels"),
+    (DIGIT_ROW.replace(",9", ",10"), "not rows of 64 pixels"),
+    (DIGIT_ROW.replace("16", "0.5", 1), "not rows of 64 pixels"),
+    (DIGIT_ROW + "1,2,3\n", "unreadable"),
+    (None, "unreadable"),  # not gzip
+])
+def test_a_bad_digits_file_is_one_line_naming_it(tmp_path, monkeypatch, text, problem):
+    path = tmp_path.joinpath(*readers.DIGITS_FILE)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"plain text" if text is None else gzip.compress(text.encode()))
+    spec = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "sklearn" else None)
+    with pytest.raises(ConfigError, match=problem) as err:
+        read_digits()
+    assert str(err.value).startswith(f"digits: {path}: ") and "\n" not in str(err.value)
+
+
+def test_made_datasets_are_loaded_once_per_config_and_each_load_gets_its_own_tensors(monkeypatch):
+    reads = []
+    monkeypatch.setattr(readers, "read_digits", lambda: reads.append(1) or read_digits())
+    cfg = DataConfig(name="digits", val_fraction=0.125, seed=12345)  # a config no other test loads
+    first = data.load(cfg)
+    first.x_train.add_(1)  # what a run does to its tensors stays in that run
+    second = data.load(replace(cfg))
+    assert len(reads) == 1
+    assert torch.equal(second.x_train + 1, first.x_train) and torch.equal(second.y_val, first.y_val)
+    data.load(replace(cfg, seed=54321))  # another config: its own load
+    assert len(reads) == 2
+
+
+def test_a_made_dataset_larger_than_the_cache_is_made_anew(monkeypatch):
+    reads = []
+    monkeypatch.setattr(readers, "read_digits", lambda: reads.append(1) or read_digits())
+    monkeypatch.setattr(data, "MADE_SAMPLES_CACHE_BYTES", 1000)  # below the digits' 0.47 MB
+    cfg = DataConfig(name="digits", val_fraction=0.25, seed=12345)
+    first, second = data.load(cfg), data.load(cfg)
+    assert len(reads) == 2 and torch.equal(first.x_train, second.x_train)
+
+
+def test_files_are_read_anew_by_every_load(tmp_path):
+    path = tmp_path / "d.npz"
+    cfg = DataConfig(name="npz", path=str(path), val_fraction=0)
+    np.savez(path, x=np.zeros((4, 2), np.float32), y=np.arange(4))
+    assert data.load(cfg).x_train.sum() == 0
+    np.savez(path, x=np.ones((4, 2), np.float32), y=np.arange(4))
+    assert data.load(cfg).x_train.sum() == 8
 
 
 def test_normalize_by_hand():
