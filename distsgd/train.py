@@ -17,6 +17,7 @@ step t are measured after t updates.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import shlex
@@ -253,6 +254,10 @@ def main() -> None:
     """The console script and ``python -m distsgd.train``."""
     with hydra_errors.captured():
         _hydra_main()
+    # What is alive now lives until the process ends: a last full collection at interpreter exit,
+    # of torch's and Hydra's objects, took 0.45 s of every run. Everything distsgd opened
+    # (TensorBoard files, the process group) is closed by now.
+    gc.freeze()
 
 
 if __name__ == "__main__":
