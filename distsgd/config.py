@@ -105,7 +105,7 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
     return any(key == entry or (entry.endswith(".") and key.startswith(entry)) for entry in entries)
 
 
-DATASETS = ("synthetic", "synthetic_regression", "npz", "arrays", "digits", "mnist", "cifar10")
+DATASETS = ("synthetic", "synthetic_regression", "npz", "arrays", "digits", "mnist", "cifar10", "text", "markov")
 MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
@@ -116,6 +116,10 @@ MODEL_KEYS = {"linear": ("bias", "init"), "logistic": ("bias", "init"), "mlp": (
               "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn")}
 OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
               "adagrad": ("eps",), "rmsprop": ("momentum", "alpha", "eps")}
+# The language models' data keys and the datasets that read them (the older keys, such as
+# data.path or data.dim, are not checked against the dataset; data.augment has its own check).
+DATA_KEYS = {"text": ("block_size", "vocab_size"),
+             "markov": ("block_size", "vocab_size", "order", "concentration", "num_tokens")}
 # trainer.comm_hook: how DDP communicates gradients (distsgd/comm.py), and the keys each hook reads.
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd", "local_sgd")
 COMM_HOOK_KEYS = {"powersgd": ("powersgd_rank", "powersgd_warmup_steps"),
@@ -151,9 +155,21 @@ class DataConfig:
     # batches from host memory through a DataLoader (num_workers, pinned memory) in the same order.
     in_memory: bool = True
     num_workers: int = 2
+    # data=text and data=markov: a sample is a window of block_size tokens and, as its targets, the
+    # same window shifted by one token (distsgd/tokens.py).
+    block_size: int = 64
+    # data=markov: the chain's vocabulary; data=text with data.root: the vocabulary of nanoGPT's
+    # token files, where no meta.pkl beside them says it.
+    vocab_size: Optional[int] = None
+    # data=markov: the chain's order (tokens of context), the Dirichlet concentration of each
+    # context's next-token distribution (small: peaked, a low entropy rate), and its length.
+    order: int = 2
+    concentration: float = 0.2
+    num_tokens: int = 262144
 
     def __post_init__(self) -> None:
         _check_choice("data.name", self.name, DATASETS)
+        _reject_ignored(self, "data", DATA_KEYS)
         _check_positive("data.global_batch_size", self.global_batch_size)
         milestones = list(self.batch_milestones)
         _check(all(a < b for a, b in zip([0] + milestones, milestones)), "data.batch_milestones",
@@ -179,7 +195,19 @@ class DataConfig:
                    self.augment)
         if self.name in ("mnist", "cifar10"):
             _check(bool(self.root), "data.root", f"the folder of the {self.name} files", self.root)
+        self._check_language_model()
         self.path, self.root, self.x, self.y = _home(self.path), _home(self.root), _home(self.x), _home(self.y)
+
+    def _check_language_model(self) -> None:
+        _check_positive("data.block_size", self.block_size)
+        if self.vocab_size is not None:
+            _check(self.vocab_size >= 2, "data.vocab_size", "an integer >= 2", self.vocab_size)
+        _check_positive("data.order", self.order)
+        _check_positive("data.concentration", self.concentration)
+        _check_positive("data.num_tokens", self.num_tokens)
+        if self.name == "markov":
+            _check(self.vocab_size is not None, "data.vocab_size", "set for data=markov (the chain's vocabulary)",
+                   self.vocab_size)
 
 
 @dataclass

@@ -13,6 +13,7 @@ epoch is sliced as above with its own batch, so the same holds epoch by epoch.
 from __future__ import annotations
 
 import bisect
+import logging
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -24,11 +25,17 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from distsgd import readers, transforms
+from distsgd import markov, readers, text, tokens, transforms
 from distsgd.config import ConfigError, DataConfig
 from distsgd.distributed import Dist
 
+log = logging.getLogger("distsgd")
+
 CROP_PADDING = 4  # the usual CIFAR recipe: pad 4, crop 32x32, flip half of the images
+# data.in_memory=true copies a language model's tokens to the device whole (once, not window by
+# window: 1 byte per byte-level token, 4 per nanoGPT id). Beyond this size that is refused: a
+# corpus that large stays memory-mapped (data.in_memory=false) rather than filling the device.
+IN_MEMORY_MAX_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class Dataset:
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    task: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
-    num_outputs: int  # classes, or regression targets per sample
+    # "classification" (integer labels, cross-entropy), "regression" (float targets, MSE) or
+    # "language_model" (x: windows of token ids, y: the same shifted by one; tokens.py).
+    task: str
+    num_outputs: int  # classes, regression targets per sample, or the vocabulary
     # Images stay uint8 until a batch is on its device; then crop/flip (training) and normalize
     # by these per-channel statistics (tensors on the device once ``place`` has run).
     mean_std: tuple | None = None
@@ -46,6 +55,13 @@ class Dataset:
     # None: the tensors live on the training device. Else they stay in host memory and a
     # DataLoader with this many workers gathers batches into pinned memory.
     stream_workers: int | None = None
+    # Language models: the least expected val/loss of any model, in nats per token, where known
+    # (data=markov); the mean bytes of text per target token (1.0 for byte-level text), for
+    # val/bits_per_byte; what each token id stands for, where known; what was read.
+    loss_floor: float | None = None
+    bytes_per_token: float | None = None
+    token_bytes: tuple[bytes, ...] | None = None
+    source: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -170,24 +186,79 @@ def load(cfg: DataConfig) -> Dataset:
         case "cifar10":
             return Dataset(*_checked_root(cfg, readers.read_cifar10), "classification", 10,
                            mean_std=transforms.CIFAR10_MEAN_STD, crop_padding=CROP_PADDING if cfg.augment else 0)
+        case "text" | "markov":
+            dataset = _read_text(cfg) if cfg.name == "text" else _markov_chain(cfg)
+            log.info("data: %s; %d training and %d validation windows of %d+1 tokens",
+                     dataset.source, len(dataset.x_train), len(dataset.x_val), cfg.block_size)
+            return dataset
     return _split(x, y, cfg.val_fraction, cfg.seed)
 
 
 def train_size(cfg: DataConfig) -> int:
-    """The training samples that ``cfg`` gives: what an epoch holds."""
+    """The training samples that ``cfg`` gives: what an epoch holds (for text and markov, from
+    the sizes alone: nothing is read or generated)."""
+    if cfg.name == "text" and cfg.root:
+        return tokens.window_count(text.token_count(cfg.path, cfg.root), cfg.block_size)
+    if cfg.name in ("text", "markov"):
+        num_tokens = text.token_count(cfg.path, None) if cfg.name == "text" else cfg.num_tokens
+        return tokens.window_count(tokens.split_point(num_tokens, cfg.val_fraction, cfg.block_size, f"data={cfg.name}"),
+                                   cfg.block_size)
     return len(load(cfg).x_train)
 
 
-# Samples that distsgd makes (synthetic) or reads from a package (digits), by data config, kept
-# for the process's next load: the jobs of a sweep in one process share them. Files a user names
-# (npz, arrays, mnist, cifar10) are read anew every time, so a changed file is never served stale.
+def _read_text(cfg: DataConfig) -> Dataset:
+    """data=text: the last data.val_fraction of byte-level text validates; nanoGPT's val.bin does."""
+    corpus = text.read(cfg.path, cfg.root, cfg.vocab_size)
+    size, block = len(corpus.train), cfg.block_size
+    if corpus.val is None:
+        split = tokens.split_point(size, cfg.val_fraction, block, f"data.path={cfg.path}" if cfg.path else
+                                   "the default corpus")
+        train, val = tokens.windows(corpus.train, 0, split, block), tokens.windows(corpus.train, split, size, block)
+        held, bytes_per_token = tokens.held_bytes(size, corpus.train.dtype), 1.0
+    else:
+        for name, part in (("train", corpus.train), ("val", corpus.val)):
+            tokens.check_windows(len(part), block, f"data.root: {Path(cfg.root) / name}.bin")
+        train, val = tokens.windows(corpus.train, 0, size, block), tokens.windows(corpus.val, 0, len(corpus.val), block)
+        held = tokens.held_bytes(size + len(corpus.val), corpus.train.dtype)
+        # val/loss averages over the validation windows' targets: bytes per token of exactly those.
+        bytes_per_token = None if corpus.token_bytes is None else \
+            text.mean_token_bytes(corpus.val, 1, 1 + len(val[1]) * block, corpus.token_bytes)
+    if cfg.in_memory and held > IN_MEMORY_MAX_BYTES:
+        raise ConfigError(f"data.in_memory=true would copy {held:,} bytes of tokens to the device (at most "
+                          f"{IN_MEMORY_MAX_BYTES:,}): set data.in_memory=false, which reads each batch's windows from "
+                          "the memory-mapped files")
+    return Dataset(*train, *val, "language_model", corpus.vocab_size, bytes_per_token=bytes_per_token,
+                   token_bytes=corpus.token_bytes, source=corpus.source)
+
+
+def _markov_chain(cfg: DataConfig) -> Dataset:
+    split = tokens.split_point(cfg.num_tokens, cfg.val_fraction, cfg.block_size, f"data.num_tokens={cfg.num_tokens}")
+    sequence, rates = _made_samples(cfg)
+    entropy_rate, floor, sampled = rates.tolist()
+    held = tokens.Tokens(tensor=sequence)
+    short = f" (its first {cfg.order - 1} position(s) see less than the chain's order)" if cfg.order > 1 else ""
+    source = (f"order-{cfg.order} Markov chain over {cfg.vocab_size} tokens (data.concentration={cfg.concentration:g}, "
+              f"data.seed={cfg.seed}), {len(sequence):,} tokens: entropy rate {entropy_rate:.6f} nats per token "
+              f"(the sequence's own mean -log p {sampled:.6f}); loss floor {floor:.6f} over windows of "
+              f"{cfg.block_size}{short}")
+    return Dataset(*tokens.windows(held, 0, split, cfg.block_size),
+                   *tokens.windows(held, split, len(sequence), cfg.block_size), "language_model", cfg.vocab_size,
+                   loss_floor=floor, source=source)
+
+
+# Samples that distsgd makes (synthetic, markov) or reads from a package (digits), by data config,
+# kept for the process's next load: the jobs of a sweep in one process share them. Files a user
+# names (npz, arrays, mnist, cifar10, text) are read anew every time, so a changed file is never
+# served stale.
 MADE_SAMPLES_CACHE_BYTES = 2**28
 _made_samples_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _made_samples(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y of data=synthetic, synthetic_regression or digits. The cached tensors are never handed
-    out: the split copies them (indexing by a permutation), so no run changes what the next gets."""
+    """x, y of data=synthetic, synthetic_regression or digits; data=markov's tokens and its rates
+    (entropy rate, window floor, the sequence's mean -log p). The cached x and y are never
+    handed out: the split copies them (indexing by a permutation), so no run changes what the
+    next gets; markov's tokens are handed out to windows, which only read them."""
     key = repr(cfg)  # every field, so that no config can get another's samples
     samples = _made_samples_cache.get(key)
     if samples is None:
@@ -198,11 +269,22 @@ def _made_samples(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                 samples = _synthetic_regression(cfg)
             case "digits":
                 samples = readers.read_digits()
+            case "markov":
+                samples = _generate_markov(cfg)
         _made_samples_cache[key] = samples
         # Oldest first, this one too when it alone is larger than the budget.
         while sum(x.nbytes + y.nbytes for x, y in _made_samples_cache.values()) > MADE_SAMPLES_CACHE_BYTES:
             del _made_samples_cache[next(iter(_made_samples_cache))]
     return samples
+
+
+def _generate_markov(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(cfg.seed)
+    chain = markov.Chain.random(cfg.vocab_size, cfg.order, cfg.concentration, rng)
+    sequence = chain.sample(cfg.num_tokens, rng)
+    rates = [chain.entropy_rate, chain.window_floor(cfg.block_size), chain.mean_nll(sequence)]
+    return (torch.from_numpy(sequence.astype(tokens.held_dtype(cfg.vocab_size))),
+            torch.tensor(rates, dtype=torch.float64))
 
 
 def _checked_root(cfg: DataConfig, reader):
