@@ -135,6 +135,8 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     def validation(step: int) -> dict[str, float]:
         with running_stats.synced(step):
             values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+        if values and dataset.loss_floor is not None:  # constant: val/loss minus it is the excess loss
+            values["val/loss_floor"] = dataset.loss_floor
         return {**values, **best.update(values)}  # val/best_* beside val/*
 
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
