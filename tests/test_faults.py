@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import math
 import os
+import pickle
 import random
 import re
 import shlex
@@ -460,6 +461,11 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     (files / "empty.npz").write_bytes(b"")
     np.savez(files / "strings.npz", x=np.array([["0.1", "a"]] * 40), y=np.zeros(40, dtype=np.int64))
     np.savez(files / "flat.npz", x=np.zeros(40, dtype=np.float32), y=np.zeros(40, dtype=np.int64))
+    (files / "empty.txt").write_bytes(b"")
+    (files / "nanogpt").mkdir()
+    for split in ("train", "val"):
+        np.zeros(300, dtype=np.uint16).tofile(files / f"nanogpt/{split}.bin")
+    (files / "nanogpt/meta.pkl").write_bytes(pickle.dumps({"vocab_size": 8, "itos": Payload()}))
     return {"root": root, "good": root / "good/checkpoints", "files": files}
 
 
@@ -500,6 +506,17 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          f"data.path: {files}/strings.npz: x must hold numbers, it holds <U3 values"),
         ("copy", ["data=npz", f"data.path={files}/flat.npz"],
          f"data.path: {files}/flat.npz needs x of shape (N, features...) and y of length N, got x (40,)"),
+        # Language-model data.
+        ("copy", ["data=text", f"data.path={files}/missing.txt"], f"data.path: no such file or folder: {files}/missing.txt"),
+        ("copy", ["data=text", f"data.path={files}/empty.txt"], f"data.path: {files}/empty.txt is empty"),
+        ("copy", ["data=text", f"data.path={files}/random.pt"], f"data.path: {files}/random.pt is not UTF-8 text (byte"),
+        ("copy", ["data=text", f"data.root={files}"], f"data.root: {files}/train.bin: no such file"),
+        ("copy", ["data=text", f"data.root={files}/nanogpt"],
+         f"data.root: {files}/nanogpt/meta.pkl holds objects other than plain values (test_faults.Payload); refusing"),
+        ("copy", ["data=text", "data.order=3"], "data.order must be left at 2 with data=text, which ignores it"),
+        ("copy", ["data=markov", "data.concentration=0"], "data.concentration must be > 0, got 0"),
+        ("copy", ["data=markov", "data.num_tokens=100"],
+         "data.num_tokens=100: its validation part (data.val_fraction=0.1): 10 tokens, fewer than one window"),
         # Devices and conflicting keys.
         ("copy", ["trainer.device=tpu"], "trainer.device must be one of auto|cpu|cuda, got 'tpu'"),
         ("copy", ["trainer.allreduce=manual", "trainer.comm_hook=fp16"],
