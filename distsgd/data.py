@@ -198,9 +198,9 @@ def train_size(cfg: DataConfig) -> int:
     """The training samples that ``cfg`` gives: what an epoch holds (for text and markov, from
     the sizes alone: nothing is read or generated)."""
     if cfg.name == "text" and cfg.root:
-        return tokens.window_count(text.token_count(cfg.path, cfg.root), cfg.block_size)
+        return tokens.window_count(text.token_count(cfg.path, cfg.root, cfg.vocab_size), cfg.block_size)
     if cfg.name in ("text", "markov"):
-        num_tokens = text.token_count(cfg.path, None) if cfg.name == "text" else cfg.num_tokens
+        num_tokens = text.token_count(cfg.path, None, cfg.vocab_size) if cfg.name == "text" else cfg.num_tokens
         return tokens.window_count(tokens.split_point(num_tokens, cfg.val_fraction, cfg.block_size, f"data={cfg.name}"),
                                    cfg.block_size)
     return len(load(cfg).x_train)

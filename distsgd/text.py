@@ -60,31 +60,40 @@ class Corpus:
 def read(path: str | None, root: str | None, vocab_size: int | None) -> Corpus:
     """data=text's tokens: nanoGPT's files in ``root``, else byte-level text from ``path``, else
     the default corpus."""
-    if path and root:
-        raise ConfigError(f"data.path={path} and data.root={root}: data=text reads text from data.path or nanoGPT's "
-                          "train.bin and val.bin from data.root; set one of them")
+    check_keys(path, root, vocab_size)
     if root:
         return read_nanogpt(Path(root), vocab_size)
-    if vocab_size is not None:
-        raise ConfigError(f"data.vocab_size={vocab_size}: byte-level text has 256 tokens, its bytes (data.vocab_size "
-                          "is for nanoGPT's token files in data.root)")
+    files = text_files(path)
     if path is None:
-        files = default_corpus_files()
         what = (f"the default corpus: {len(files)} modules of Python {platform.python_version()}'s standard library "
                 f"({files[0].name}, ..., {files[-1].name}: distsgd.text.DEFAULT_CORPUS) in {files[0].parent}")
         return _byte_corpus(files, what, "the default corpus", whole=True)
-    return read_bytes(Path(path))
-
-
-def read_bytes(path: Path) -> Corpus:
-    if path.is_file():
-        return _byte_corpus([path], f"text file {path}", str(path))
-    if not path.is_dir():
-        raise ConfigError(f"data.path: no such file or folder: {path}")
-    files = folder_files(path)
+    if Path(path).is_file():
+        return _byte_corpus(files, f"text file {path}", path)
     names = [str(f.relative_to(path)) for f in files]
     shown = ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
     return _byte_corpus(files, f"text folder {path}: {len(files)} files ({shown})", f"the files of {path}")
+
+
+def check_keys(path: str | None, root: str | None, vocab_size: int | None) -> None:
+    if path and root:
+        raise ConfigError(f"data.path={path} and data.root={root}: data=text reads text from data.path or nanoGPT's "
+                          "train.bin and val.bin from data.root; set one of them")
+    if not root and vocab_size is not None:
+        raise ConfigError(f"data.vocab_size={vocab_size}: byte-level text has 256 tokens, its bytes (data.vocab_size "
+                          "is for nanoGPT's token files in data.root)")
+
+
+def text_files(path: str | None) -> list[Path]:
+    """What byte-level text is read from, in order: data.path's file, the files of its folder,
+    or the default corpus."""
+    if path is None:
+        return default_corpus_files()
+    if Path(path).is_file():
+        return [Path(path)]
+    if not Path(path).is_dir():
+        raise ConfigError(f"data.path: no such file or folder: {path}")
+    return folder_files(Path(path))
 
 
 def folder_files(folder: Path) -> list[Path]:
@@ -110,13 +119,12 @@ def default_corpus_files() -> list[Path]:
     return files
 
 
-def token_count(path: str | None, root: str | None) -> int:
+def token_count(path: str | None, root: str | None, vocab_size: int | None) -> int:
     """The tokens of data=text's training sequence, from the files' sizes alone: nothing is read."""
+    check_keys(path, root, vocab_size)
     if root:
         return _token_file(Path(root) / "train.bin").stat().st_size // 2
-    files = default_corpus_files() if path is None else ([Path(path)] if Path(path).is_file()
-                                                           else folder_files(Path(path)))
-    return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in text_files(path))
 
 
 def _byte_corpus(files: list[Path], what: str, label: str, whole: bool = False) -> Corpus:

@@ -507,9 +507,11 @@ def _bad_cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("copy", ["data=npz", f"data.path={files}/flat.npz"],
          f"data.path: {files}/flat.npz needs x of shape (N, features...) and y of length N, got x (40,)"),
         # Language-model data.
-        ("copy", ["data=text", f"data.path={files}/missing.txt"], f"data.path: no such file or folder: {files}/missing.txt"),
+        ("copy", ["data=text", f"data.path={files}/missing.txt"],
+         f"data.path: no such file or folder: {files}/missing.txt"),
         ("copy", ["data=text", f"data.path={files}/empty.txt"], f"data.path: {files}/empty.txt is empty"),
-        ("copy", ["data=text", f"data.path={files}/random.pt"], f"data.path: {files}/random.pt is not UTF-8 text (byte"),
+        ("copy", ["data=text", f"data.path={files}/random.pt"],
+         f"data.path: {files}/random.pt is not UTF-8 text (byte"),
         ("copy", ["data=text", f"data.root={files}"], f"data.root: {files}/train.bin: no such file"),
         ("copy", ["data=text", f"data.root={files}/nanogpt"],
          f"data.root: {files}/nanogpt/meta.pkl holds objects other than plain values (test_faults.Payload); refusing"),

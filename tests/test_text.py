@@ -250,6 +250,11 @@ def test_text_keys_that_conflict_or_go_unread_are_config_errors(tmp_path):
         data.load(DataConfig(name="text", path="a.txt", root="bins"))
     with pytest.raises(ConfigError, match="data.vocab_size=300: byte-level text has 256 tokens"):
         data.load(DataConfig(name="text", vocab_size=300))
+    # train_size reads sizes only, and fails alike.
+    with pytest.raises(ConfigError, match=f"data.path: no such file or folder: {tmp_path / 'none'}"):
+        data.train_size(DataConfig(name="text", path=str(tmp_path / "none")))
+    with pytest.raises(ConfigError, match="set one of them"):
+        data.train_size(DataConfig(name="text", path="a.txt", root="bins"))
     with pytest.raises(ConfigError, match="data.block_size must be left at 64 with data=synthetic, which ignores it"):
         DataConfig(block_size=128)
     with pytest.raises(ConfigError, match=r"data.order must be left at 2 with data=text, .*data=markov\), got 3"):
