@@ -33,7 +33,7 @@ from distsgd.config import ConfigError
 from distsgd.tokens import Tokens
 
 BYTE_VOCAB = 256
-CHUNK = 1 << 24  # bytes read at a time when checking or copying
+CHUNK = 1 << 24  # bytes (or token ids) read at a time when checking, copying or counting
 # The default corpus: modules of the standard library that every CPython distsgd supports has
 # had under these names, pure Python, not generated (as _sysconfigdata is, per platform) and not
 # split off by distributions; found by name as NAME.py or NAME/__init__.py (string became a
@@ -180,24 +180,32 @@ def cache_folder() -> Path:
 def cache_concatenation(files: list[Path], digest: str, size: int, what: str) -> Path:
     """The files' concatenation as one file, named by its hash, written unless there already;
     beside it, NAME.txt lists the files. Written under a temporary name and renamed, so ranks
-    that write it at once never see a part."""
+    that write it at once never see a part; a file changed since it was hashed is refused."""
     folder = cache_folder()
     target = folder / f"{digest}.bytes"
     if target.is_file() and target.stat().st_size == size:
         return target
+    partial = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{digest}.", delete=False) as out:
+            partial, copied = Path(out.name), hashlib.sha256()
             for path in files:
                 with open(path, "rb") as f:
                     while chunk := f.read(CHUNK):
                         out.write(chunk)
-        os.replace(out.name, target)
+                        copied.update(chunk)
+        if copied.hexdigest() != digest:
+            raise ConfigError(f"data.path: {what}: the files changed while they were read; start again")
+        os.replace(partial, target)
         listing = "".join(f"{p.stat().st_size}\t{p}\n" for p in files)
         (folder / f"{digest}.txt").write_text(f"# {what}\n# sha256 {digest}, {size} bytes\n{listing}")
     except OSError as err:
         raise ConfigError(f"data.path: cannot write the concatenated text into {folder} ({err.strerror or err}); "
                           "set XDG_CACHE_HOME to a writable folder") from None
+    finally:
+        if partial is not None and partial.exists():
+            partial.unlink()
     return target
 
 

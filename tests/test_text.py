@@ -101,6 +101,26 @@ def test_a_folder_is_its_files_in_path_order_concatenated_once_into_the_cache(tm
     assert changed.x_train.tokens.path != cached and cached.read_bytes() == joined
 
 
+def test_a_cache_that_cannot_be_written_and_files_that_change_are_one_error_and_leave_no_part(tmp_path, own_cache,
+                                                                                             monkeypatch):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first\n")
+    (folder / "b.txt").write_text("second\n")
+    cfg = DataConfig(name="text", path=str(folder), block_size=4, val_fraction=0)
+    own_cache.parent.mkdir(parents=True)
+    own_cache.write_text("a file where the cache folder belongs")  # root ignores permissions
+    with pytest.raises(ConfigError, match=f"data.path: cannot write the concatenated text into {own_cache} .*"
+                                          "set XDG_CACHE_HOME"):
+        data.load(cfg)
+    own_cache.unlink()
+    hashed = text.checked_text
+    monkeypatch.setattr(text, "checked_text", lambda files: ("0" * 64, hashed(files)[1]))  # as if b.txt changed since
+    with pytest.raises(ConfigError, match="the files changed while they were read"):
+        data.load(cfg)
+    assert list(own_cache.iterdir()) == []
+
+
 def test_the_default_corpus_is_a_fixed_list_of_stdlib_modules_read_the_same_twice(own_cache, caplog):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = text.default_corpus_files()
