@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, make_config
+from conftest import CONF, make_config, token_windows
 
 from distsgd import batchnorm, data, distributed, models, optim
 from distsgd.config import (MODEL_KEYS, MODELS, OPTIM_KEYS, OPTIMIZERS, ConfigError, ModelConfig, OptimConfig, swept_keys,
@@ -38,7 +38,8 @@ def test_every_option_composes_and_builds(group, option):
         return
     extra = [f"data={DATA_FOR_MODEL[option]}"] if group == "model" and option in DATA_FOR_MODEL else []
     config = to_config(make_config(f"{group}={option}", *extra))
-    dataset = data.load(config.data)
+    # model=gpt needs a language-model dataset; the default data is synthetic classification.
+    dataset = token_windows() if (group, option) == ("model", "gpt") else data.load(config.data)
     model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
     lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
     optimizer = optim.build_optimizer(config.optim, model.parameters(), lr)
@@ -202,15 +203,22 @@ def test_optimizer_keys_table_matches_what_the_optimizer_is_given(name):
             assert key not in optim.build_optimizer(OptimConfig(name=name), params, 0.1).param_groups[0], (name, key)
 
 
-NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh", bias=False, init="zeros")
+NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh", bias=False, init="zeros", n_layer=1, n_head=2,
+                         n_embd=32, dropout=0.1)
+
+
+def _build(cfg: ModelConfig) -> torch.nn.Module:
+    if cfg.name == "gpt":
+        return models.build(cfg, (8,), 3, "language_model")
+    return models.build(cfg, (1, 8, 8), 3, "regression" if cfg.name == "linear" else "classification")
 
 
 def _architecture(cfg: ModelConfig) -> list:
-    task = "regression" if cfg.name == "linear" else "classification"
     torch.manual_seed(0)  # so that the initial values tell model.init apart
-    net = models.build(cfg, (1, 8, 8), 3, task)
+    net = _build(cfg)
+    # extra_repr: a layer's settings too, such as a Dropout's p.
     return [(n, tuple(p.shape), p.abs().sum().item()) for n, p in net.named_parameters()] + \
-        [type(m).__name__ for m in net.modules()]
+        [f"{type(m).__name__}({m.extra_repr()})" for m in net.modules()]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -219,10 +227,10 @@ def test_model_keys_table_matches_what_the_builder_reads(name):
     option = to_config(make_config(f"model={name}")).model
     for key, value in NON_DEFAULT_MODEL.items():
         changed = replace(option)
-        setattr(changed, key, value)  # after __post_init__, which would refuse an ignored key
+        # after __post_init__, which would refuse an ignored key; a flag is flipped from the option's own value
+        setattr(changed, key, not getattr(option, key) if isinstance(value, bool) else value)
         assert (_architecture(changed) != _architecture(option)) == (key in MODEL_KEYS[name]), (name, key)
-    task = "regression" if name == "linear" else "classification"
-    has_batchnorm = batchnorm.has_batchnorm(models.build(option, (1, 8, 8), 3, task))
+    has_batchnorm = batchnorm.has_batchnorm(_build(option))
     assert has_batchnorm == ("sync_bn" in MODEL_KEYS[name])
 
 
