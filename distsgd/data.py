@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -46,7 +46,6 @@ class Dataset:
     # None: the tensors live on the training device. Else they stay in host memory and a
     # DataLoader with this many workers gathers batches into pinned memory.
     stream_workers: int | None = None
-    decode: Callable[[list[int]], str] | None = None  # a language model's token ids to text (samples.py)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -22,13 +22,13 @@ TEMPERATURES = (0.0, 1.0, 1.0)  # 0: greedy
 
 
 def decoder(dataset: Dataset) -> Callable[[list[int]], str]:
-    """The dataset's own decoding; else bytes as UTF-8 for byte-level text; else the token ids."""
-    if dataset.decode is not None:
-        return dataset.decode
-    # bytes_per_token: the language-model datasets' field (getattr: the others lack it).
-    if getattr(dataset, "bytes_per_token", None) == 1.0 and dataset.num_outputs <= 256:
-        return lambda tokens: bytes(tokens).decode("utf-8", errors="replace")
-    return lambda tokens: " ".join(map(str, tokens))
+    """Token ids as UTF-8 text (invalid bytes replaced) where the data says which bytes each id
+    stands for (``Dataset.token_bytes``: byte-level text, a meta.pkl vocabulary), else the ids."""
+    # getattr: token_bytes is a field of the language-model data's branch; plain access once merged.
+    table = getattr(dataset, "token_bytes", None)
+    if table is None:
+        return lambda tokens: " ".join(map(str, tokens))
+    return lambda tokens: b"".join(table[t] for t in tokens).decode("utf-8", errors="replace")
 
 
 class Samples:

@@ -64,6 +64,7 @@ def validate(model: torch.nn.Module, dataset: Dataset, idx: torch.Tensor, loss_f
     if dataset.task != "regression":
         metrics["val/accuracy"] = correct / targets
     if dataset.task == "language_model":
+        # getattr: bytes_per_token is a field of the language-model data's branch; plain access once merged.
         metrics.update(information(metrics["val/loss"], getattr(dataset, "bytes_per_token", None)))
     return metrics
 

@@ -177,6 +177,6 @@ def train_alone(config, dataset: data.Dataset, run_dir: Path) -> dict[str, float
 
     dist = distributed.init(config.trainer.device)
     try:
-        return train.train(config, dataset, dist, run_dir)
+        return train.train(config, dataset.place(dist.device, True, 0), dist, run_dir)
     finally:
         distributed.shutdown()

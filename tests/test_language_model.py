@@ -20,7 +20,10 @@ TEXT = b"the quick brown fox jumps over the lazy dog; " * 24  # 1080 bytes: 67 w
 
 @dataclass(frozen=True)
 class ByteText(data.Dataset):
-    bytes_per_token: float | None = 1.0  # as lmdata's data=text sets it (the field is theirs)
+    """What data=text gives for byte-level text (these fields are the language-model data's)."""
+
+    bytes_per_token: float | None = 1.0
+    token_bytes: tuple[bytes, ...] | None = tuple(bytes([b]) for b in range(256))
 
 
 def byte_windows(block_size: int = 16) -> ByteText:
@@ -77,12 +80,12 @@ def test_a_language_model_run_logs_tokens_mfu_bits_accuracy_and_samples(tmp_path
     assert samples.Samples(dataset, config.trainer.seed, torch.device("cpu"))(model, 12) == texts[12]
 
 
-def test_samples_decode_bytes_ids_or_the_datasets_own_way():
+def test_samples_decode_the_tokens_bytes_or_show_their_ids():
     assert samples.decoder(byte_windows())([104, 105, 0xE2, 0x82, 0xAC]) == "hi\u20ac"
     assert samples.decoder(byte_windows())([0xFF]) == "\ufffd"  # not UTF-8: replaced, not an error
-    tokens = token_windows()  # no bytes per token: the ids
-    assert samples.decoder(tokens)([3, 14, 15]) == "3 14 15"
-    assert samples.decoder(replace(tokens, decode=lambda ids: "|".join("ab"[i % 2] for i in ids)))([1, 2]) == "b|a"
+    characters = replace(byte_windows(), token_bytes=(b"a", "\u00e9".encode(), b"\n"))  # a meta.pkl's vocabulary
+    assert samples.decoder(characters)([1, 0, 2]) == "\u00e9a\n"
+    assert samples.decoder(token_windows())([3, 14, 15]) == "3 14 15"  # nothing says what the ids stand for
     assert samples.indented("a\n```\nb") == "    a\n    ```\n    b"
 
 
@@ -97,3 +100,20 @@ def test_peak_flops_by_gpu_name_or_the_config(monkeypatch):
     rates = metrics.TokenRates(tokens_per_sample=10, flops_per_token=10**9, peak_flops=2e12).of(100.0)
     assert rates == {"train/tokens_per_sec": 1000.0, "train/mfu": 0.5}
     assert metrics.TokenRates(10, 10**9, None).of(100.0) == {"train/tokens_per_sec": 1000.0}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+def test_on_cuda_a_compiled_bf16_gpt_with_fused_adamw_trains_and_logs_its_mfu(tmp_path):
+    cuda = [*RUN[:-2], "trainer.device=cuda", "trainer.precision=bf16"]
+    peak = [] if metrics.peak_flops(torch.device("cuda"), None) else ["trainer.peak_tflops=100"]  # a GPU not in the table
+    runs = {name: train_alone(to_config(make_config(*cuda, *peak, *extra)), byte_windows(), tmp_path / name)
+            for name, extra in (("eager", []), ("compiled", ["trainer.compile=true"]))}
+    state = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"])
+    assert not any(key.startswith("_orig_mod.") for key in state["model"])
+    for name in runs:
+        curve = [v for _, v in read_scalars(tmp_path / name)["train/loss"]]
+        assert curve[-1] < 0.6 * curve[0], name
+        assert 0 < runs[name]["train/mfu"] < 1, name
+    assert runs["compiled"]["val/loss"] == pytest.approx(runs["eager"]["val/loss"], rel=0.05)
