@@ -20,6 +20,7 @@ OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 NEEDS_FILES = {"npz", "arrays", "mnist", "cifar10"}  # read from files made in test_data.py, test_arrays.py
 FILES = ["data.path=x.npz", "data.root=.", "data.x=x.npy", "data.y=y.npy"]
 DATA_FOR_MODEL = {"linear": "synthetic_regression", "cnn": "digits", "resnet": "digits"}
+MODEL_FOR_DATA = {"text": "gpt", "markov": "gpt"}  # language data: the default model (mlp) refuses it
 
 
 def test_the_groups_hold_the_documented_options():
@@ -37,6 +38,7 @@ def test_every_option_composes_and_builds(group, option):
         assert to_config(make_config(f"data={option}", *FILES)).data.name == option
         return
     extra = [f"data={DATA_FOR_MODEL[option]}"] if group == "model" and option in DATA_FOR_MODEL else []
+    extra += [f"model={MODEL_FOR_DATA[option]}"] if group == "data" and option in MODEL_FOR_DATA else []
     config = to_config(make_config(f"{group}={option}", *extra))
     # model=gpt needs a language-model dataset; the default data is synthetic classification.
     dataset = token_windows() if (group, option) == ("model", "gpt") else data.load(config.data)
@@ -44,7 +46,9 @@ def test_every_option_composes_and_builds(group, option):
     lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
     optimizer = optim.build_optimizer(config.optim, model.parameters(), lr)
     ten_steps_per_epoch = data.BatchSchedule(10 * config.data.global_batch_size, config.data.global_batch_size)
-    schedule = optim.build_schedule(config.schedule, [lr], total_steps=100, batches=ten_steps_per_epoch)
+    # At least 100 steps, and as many as the option's run (experiment=gpt_small warms up for 2000).
+    total_steps = max(100, config.trainer.max_steps or 0)
+    schedule = optim.build_schedule(config.schedule, [lr], total_steps=total_steps, batches=ten_steps_per_epoch)
     assert optimizer.param_groups[0]["lr"] == lr
     warmup = config.schedule.warmup_steps * (10 if config.schedule.unit == "epochs" else 1)
     assert schedule(0) == pytest.approx(lr / max(warmup, 1))  # every decay starts at the base rate
