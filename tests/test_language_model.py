@@ -12,8 +12,9 @@ import torch
 from conftest import make_config, read_scalars, token_windows, train_alone
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distsgd import data, metrics, models, samples
+from distsgd import data, metrics, models, samples, train
 from distsgd.config import to_config
+from distsgd.distributed import Dist
 
 TEXT = b"the quick brown fox jumps over the lazy dog; " * 24  # 1080 bytes: 67 windows of 16
 
@@ -78,6 +79,19 @@ def test_a_language_model_run_logs_tokens_mfu_bits_accuracy_and_samples(tmp_path
     assert f"**prompt**\n\n    {prompt}" in texts[12] and "**temperature 0**" in texts[12]
     # The text is a function of the model, trainer.seed and the step alone: last.pt samples it again.
     assert samples.Samples(dataset, config.trainer.seed, torch.device("cpu"))(model, 12) == texts[12]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_with_dropout_each_rank_draws_its_own_masks(dropout):
+    config = to_config(make_config(*RUN, f"model.dropout={dropout}"))
+    models_and_draws = []
+    for rank in (0, 1):
+        model, _, _ = train.build(config, token_windows(vocab_size=256), Dist(rank, 2, rank, torch.device("cpu")), 0.1)
+        models_and_draws.append((model.state_dict(), torch.rand(4)))
+    (model0, draw0), (model1, draw1) = models_and_draws
+    assert all(torch.equal(model0[k], model1[k]) for k in model0)  # the same initialisation on every rank
+    # One seed for all would give every rank the same masks for its different samples.
+    assert torch.equal(draw0, draw1) == (dropout == 0)
 
 
 def test_samples_decode_the_tokens_bytes_or_show_their_ids():
