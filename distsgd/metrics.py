@@ -216,13 +216,13 @@ class TokenRates:
     utilisation: train/mfu = tokens/s x FLOPs per token / (world size x one device's peak)."""
 
     tokens_per_sample: int
-    flops_per_token: int
+    flops_per_token: int | None
     peak_flops: float | None  # all devices together; None: no train/mfu
 
     def of(self, samples_per_sec: float) -> dict[str, float]:
         tokens = samples_per_sec * self.tokens_per_sample
         rates = {"train/tokens_per_sec": tokens}
-        if self.peak_flops:
+        if self.flops_per_token and self.peak_flops:
             rates["train/mfu"] = tokens * self.flops_per_token / self.peak_flops
         return rates
 

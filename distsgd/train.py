@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
 from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
+from distsgd.gpt import GPT
 from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, TokenRates, flatten, peak_flops
 from distsgd.samples import Samples
 from distsgd.step import StepResult, TrainStep, autocast
@@ -136,7 +137,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     best = BestValues(progress.get("best"))
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
-    samples = Samples(dataset, tc.seed, dist.device) if dataset.task == "language_model" and dist.is_main else None
+    samples = Samples(dataset, tc.seed, dist.device) if isinstance(model, GPT) and dist.is_main else None
 
     def validation(step: int) -> dict[str, float]:
         with running_stats.synced(step):
@@ -204,7 +205,8 @@ def token_rates(config: Config, dataset: data.Dataset, model: torch.nn.Module, d
     if peak is None and dist.device.type == "cuda":
         log.info("no train/mfu: the peak FLOP/s of %s is unknown; set trainer.peak_tflops",
                  torch.cuda.get_device_name(dist.device))
-    return TokenRates(dataset.input_shape[0], model.flops_per_token(), peak and peak * dist.world_size)
+    flops = model.flops_per_token() if isinstance(model, GPT) else None  # another model's are not known
+    return TokenRates(dataset.input_shape[0], flops, peak and peak * dist.world_size)
 
 
 def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedule: optim.Schedule,
