@@ -83,7 +83,7 @@ RESULT_NEUTRAL_KEYS = ("data.in_memory", "data.num_workers", "data.root", "train
                        "trainer.allreduce", "trainer.bucket_mb", "trainer.log_every", "trainer.val_every",
                        "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
                        "trainer.resume_override", "trainer.collective_timeout_s", "trainer.stop_signals",
-                       "trainer.requeue", "diagnostics.")
+                       "trainer.requeue", "trainer.peak_tflops", "diagnostics.")
 # Read by the LR range test alone: training's HParams entry and reports of training runs leave them out.
 LR_FIND_KEYS = ("lr_find.",)
 
@@ -106,14 +106,15 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
 
 
 DATASETS = ("synthetic", "synthetic_regression", "npz", "arrays", "digits", "mnist", "cifar10", "text", "markov")
-MODELS = ("linear", "logistic", "mlp", "cnn", "resnet")
+MODELS = ("linear", "logistic", "mlp", "cnn", "resnet", "gpt")
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "multistep", "exponential", "inverse_time", "polynomial", "cosine")
 # The keys that only some options read (as models.build and optim.build_optimizer use them); the
 # others, such as lr or weight_decay, serve every option.
 MODEL_KEYS = {"linear": ("bias", "init"), "logistic": ("bias", "init"), "mlp": ("depth", "width", "activation"),
-              "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn")}
+              "cnn": ("width", "activation"), "resnet": ("depth", "sync_bn"),
+              "gpt": ("n_layer", "n_head", "n_embd", "dropout", "bias")}
 OPTIM_KEYS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
               "adagrad": ("eps",), "rmsprop": ("momentum", "alpha", "eps")}
 # The language models' data keys and the datasets that read them (the older keys, such as
@@ -222,6 +223,13 @@ class ModelConfig:
     # or from zero (as analyses of least squares from w = 0 assume, e.g. Wilson et al. 2017).
     bias: bool = True
     init: str = "default"
+    # model=gpt (distsgd/gpt.py): blocks, attention heads, width, dropout; bias (false in
+    # conf/model/gpt.yaml, as nanoGPT's default) in its Linear and LayerNorm layers. The context
+    # length is the data's block size, the vocabulary its number of outputs.
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("model.name", self.name, MODELS)
@@ -230,6 +238,11 @@ class ModelConfig:
         _check_positive("model.width", self.width)
         _check_choice("model.activation", self.activation, ACTIVATIONS)
         _check_choice("model.init", self.init, ("default", "zeros"))
+        _check_positive("model.n_layer", self.n_layer)
+        _check_positive("model.n_head", self.n_head)
+        _check(self.n_embd > 0 and self.n_embd % self.n_head == 0, "model.n_embd",
+               f"a positive multiple of model.n_head={self.n_head}", self.n_embd)
+        _check(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -247,6 +260,9 @@ class OptimConfig:
     # optim.lr is the learning rate at this global batch size; None means "at data.global_batch_size".
     reference_batch_size: Optional[int] = None
     scaling: str = "none"
+    # Which parameters weight_decay applies to: all, or matrices (the >= 2-D ones: Linear and conv
+    # weights and embeddings; not biases or norms' gains). conf/model/gpt.yaml sets matrices.
+    weight_decay_on: str = "all"
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -269,6 +285,7 @@ class OptimConfig:
         if self.reference_batch_size is not None:
             _check_positive("optim.reference_batch_size", self.reference_batch_size)
         _check_choice("optim.scaling", self.scaling, ("none", "linear", "sqrt"))
+        _check_choice("optim.weight_decay_on", self.weight_decay_on, ("all", "matrices"))
 
 
 @dataclass
@@ -322,6 +339,8 @@ class TrainerConfig:
     precision: str = "32"
     clip_grad_norm: Optional[float] = None
     compile: bool = False
+    # Peak FLOP/s of one device in TFLOP/s, for train/mfu; null: metrics.PEAK_TFLOPS by the GPU's name.
+    peak_tflops: Optional[float] = None
     # Steps between checkpoints (0: only at the end); the newest keep_checkpoints are kept (0: all).
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
@@ -363,6 +382,8 @@ class TrainerConfig:
         _check_choice("trainer.precision", self.precision, ("32", "bf16", "fp16"))
         if self.clip_grad_norm is not None:
             _check_positive("trainer.clip_grad_norm", self.clip_grad_norm)
+        if self.peak_tflops is not None:
+            _check_positive("trainer.peak_tflops", self.peak_tflops)
         _check_non_negative("trainer.checkpoint_every", self.checkpoint_every)
         _check_non_negative("trainer.keep_checkpoints", self.keep_checkpoints)
         _check(bool(self.resume), "trainer.resume", "auto, never or a checkpoint path", self.resume)

@@ -7,9 +7,14 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 # The best value so far of a validation curve, logged beside it: (curve, better of two values).
 BEST = {"val/loss": ("val/best_loss", min), "val/accuracy": ("val/best_accuracy", max)}
@@ -28,6 +33,9 @@ class NullLogger:
         pass
 
     def progress(self, step: int, **shown: float) -> None:
+        pass
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
         pass
 
     def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = (),
@@ -60,6 +68,10 @@ class TensorBoardLogger(NullLogger):
         if shown:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """In TensorBoard's Text dashboard, which renders Markdown."""
+        self.writer.add_text(tag, markdown, step)
 
     def hparams(self, hparams: dict, final_metrics: dict[str, float], varied: Sequence[str] = (),
                 config_text: str = "", status: str = "STATUS_SUCCESS") -> None:
@@ -178,6 +190,41 @@ class Throughput:
         rate = (samples - self.last_samples) / (now - self.last_time - self.excluded) if step else None
         self.last_samples, self.last_time, self.excluded = samples, now, 0.0
         return rate
+
+
+# Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets (without sparsity), by a
+# substring of torch.cuda.get_device_name(); the first match counts, so the PCIe H100 comes first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
+               ("L40S", 362.0), ("L4", 121.0))
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
+    """One device's peak FLOP/s: trainer.peak_tflops, else PEAK_TFLOPS for a GPU it names; None if unknown."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    import torch  # here: distsgd-report reads these logs without torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+@dataclass(frozen=True)
+class TokenRates:
+    """A language model's samples/s in tokens/s and, against the devices' peak, as model FLOPs
+    utilisation: train/mfu = tokens/s x FLOPs per token / (world size x one device's peak)."""
+
+    tokens_per_sample: int
+    flops_per_token: int | None
+    peak_flops: float | None  # all devices together; None: no train/mfu
+
+    def of(self, samples_per_sec: float) -> dict[str, float]:
+        tokens = samples_per_sec * self.tokens_per_sample
+        rates = {"train/tokens_per_sec": tokens}
+        if self.flops_per_token and self.peak_flops:
+            rates["train/mfu"] = tokens * self.flops_per_token / self.peak_flops
+        return rates
 
 
 class OnRankZero(logging.Filter):

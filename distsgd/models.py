@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from distsgd.config import ConfigError, ModelConfig
+from distsgd.gpt import GPT
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 RESNET_DEPTHS = (18, 20, 32, 56)
@@ -15,7 +16,13 @@ RESNET_DEPTHS = (18, 20, 32, 56)
 
 def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, task: str) -> nn.Module:
     in_features = math.prod(input_shape)
+    if (task == "language_model") != (cfg.name == "gpt"):
+        raise ConfigError(f"model={cfg.name} is for language modelling but the data is {task}" if cfg.name == "gpt"
+                          else f"model={cfg.name} does not model language (the data's task); use model=gpt")
     match cfg.name:
+        case "gpt":
+            # A sample is a window of block_size token ids; the vocabulary is the number of outputs.
+            return GPT(cfg, block_size=input_shape[0], vocab_size=num_outputs)
         case "linear" | "logistic":
             expected = "regression" if cfg.name == "linear" else "classification"
             if task != expected:
@@ -130,4 +137,25 @@ class _PadShortcut(nn.Module):
 
 
 def loss_fn(task: str):
-    return nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
+    match task:
+        case "classification":
+            return nn.functional.cross_entropy
+        case "language_model":
+            return next_token_cross_entropy
+        case _:
+            return nn.functional.mse_loss
+
+
+def next_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over every token of logits (N, T, V) and targets (N, T), in nats per token;
+    ``reduction="none"``: one loss per token, (N * T,)."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def describe(model: nn.Module) -> str:
+    """What the start line says of the model: its size, and for a GPT the FLOPs per token of train/mfu."""
+    count = sum(p.numel() for p in model.parameters())
+    if not isinstance(model, GPT):
+        return f"model: {count:,} parameters"
+    return (f"model: {model.num_params():,} parameters without the position embedding ({count:,} with it); "
+            f"{model.flops_per_token():,} FLOPs per token (6N + 12 L T d, for train/mfu)")

@@ -32,7 +32,27 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
             return cfg.lr * math.sqrt(ratio)
 
 
+def param_groups(cfg: OptimConfig, model: torch.nn.Module) -> list[dict]:
+    """The optimizer's parameter groups: with optim.weight_decay_on=all one group; with matrices
+    two, the >= 2-D parameters (Linear and conv weights, embeddings: GPT's token embedding is its
+    head's matrix too) under optim.weight_decay, then the rest (biases, norms' gains) without it.
+    Always two groups for matrices, one possibly empty, so that checkpoints have one layout."""
+    params = list(model.parameters())
+    if cfg.weight_decay_on == "all":
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> str:
+    """How many tensors and parameters each group holds, and its weight decay (the start line)."""
+    groups = [f"{len(g['params'])} tensors ({sum(p.numel() for p in g['params']):,} parameters) with weight "
+              f"decay {g['weight_decay']:g}" for g in optimizer.param_groups]
+    return f"parameter groups: {'; '.join(groups)}"
+
+
 def build_optimizer(cfg: OptimConfig, params, lr: float, device: torch.device = torch.device("cpu")):
+    """``params``: tensors, or groups of them (``param_groups``) whose own weight_decay wins."""
     extra = {} if cfg.eps is None else {"eps": cfg.eps}
     if device.type == "cuda":
         # One kernel for all parameters instead of a few per tensor; CPU keeps torch's default.

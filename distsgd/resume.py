@@ -107,16 +107,21 @@ def restore(path: Path, config: Config, schedule: optim.Schedule, model, optimiz
     # (momentum, betas, ...), silently undoing what resume_override allowed to change.
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     saved_optimizer = saved_config.optim.name
+    # A checkpoint from before the key existed had one group, weight decay on all parameters.
+    saved_groups = saved_config.optim.get("weight_decay_on", "all")
     rank_state = state["comm"][dist.rank] if state.get("comm") and state["world_size"] == dist.world_size else None
     # Local SGD: each rank's own optimizer and scaler state, where the checkpoint has them for this rank.
     own = rank_state if rank_state and "optimizer" in rank_state and config.trainer.comm_hook == "local_sgd" else state
     try:
         model.load_state_dict(state["model"])
-        if saved_optimizer == config.optim.name:
-            optimizer.load_state_dict(own["optimizer"])
-        else:  # another optimizer's state (an SGD momentum buffer for Adam) would crash its first step
+        if saved_optimizer != config.optim.name:  # another optimizer's state (an SGD momentum buffer for Adam)
             log.warning("optim.name changed from %s to %s: the optimizer state starts afresh",
                         saved_optimizer, config.optim.name)
+        elif saved_groups != config.optim.weight_decay_on:  # its groups hold other parameters
+            log.warning("optim.weight_decay_on changed from %s to %s: the optimizer state starts afresh",
+                        saved_groups, config.optim.weight_decay_on)
+        else:
+            optimizer.load_state_dict(own["optimizer"])
         scaler.load_state_dict(own["scaler"])
     except (RuntimeError, ValueError, KeyError) as err:
         # torch's first line is often only a heading ("Error(s) in loading state_dict for ...:").

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -33,7 +34,9 @@ from omegaconf import DictConfig
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
 from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
-from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, flatten
+from distsgd.gpt import GPT
+from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, TokenRates, flatten, peak_flops
+from distsgd.samples import Samples
 from distsgd.step import StepResult, TrainStep, autocast
 from distsgd.stopping import (Diverged, StopSignal, clear_diverged, hydra_errors, mark_diverged, nonfinite_message,
                               run_as_command, stopped_by_signal)
@@ -117,6 +120,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     log.info("%s", plan.describe(config, dist, schedule, run_dir))
 
     model, optimizer, scaler = build(config, dataset, dist, schedule(0))
+    log.info("%s; %s", models.describe(model), optim.describe_groups(optimizer))
     progress = {"step": 0, "skipped_steps": 0}
     if resume_from is not None:
         progress = resume.restore(resume_from, config, schedule, model, optimizer, scaler, dist)
@@ -131,16 +135,19 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
     val_autocast = autocast(dist.device, tc.precision)
     best = BestValues(progress.get("best"))
+    logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
+              if dist.is_main else NullLogger())
+    samples = Samples(dataset, tc.seed, dist.device) if isinstance(model, GPT) and dist.is_main else None
 
     def validation(step: int) -> dict[str, float]:
         with running_stats.synced(step):
             values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+            if samples is not None:
+                logger.text(step, "samples", samples(model, step))
         if values and dataset.loss_floor is not None:  # constant: val/loss minus it is the excess loss
             values["val/loss_floor"] = dataset.loss_floor
         return {**values, **best.update(values)}  # val/best_* beside val/*
 
-    logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
-              if dist.is_main else NullLogger())
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
                         train_step, best)
     metrics: dict[str, float] = {}
@@ -151,7 +158,7 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
     try:
         with StopSignal(tc.stop_signals) as stop:
             skipped = _loop(config, plan, dataset, dist, schedule, train_step, validation, save, logger, metrics,
-                            progress, stop)
+                            progress, stop, token_rates(config, dataset, model, dist))
         metrics.update(validation(plan.total_steps))
         logger.scalars(plan.total_steps, _group(metrics, "val/"))
         save(plan.total_steps, skipped, final=True)
@@ -182,15 +189,31 @@ def build(config: Config, dataset: data.Dataset, dist: Dist,
     model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
     if config.model.sync_bn and batchnorm.has_batchnorm(model):
         model = batchnorm.convert_sync_bn(model, dist.device)
+    if config.model.dropout:
+        # The masks come from each rank's own stream (README, Language models): with one seed
+        # for all, every rank would drop the same units of its different samples.
+        torch.manual_seed(int(np.random.SeedSequence([config.trainer.seed, dist.rank]).generate_state(1)[0]))
     model = model.to(dist.device, memory_format=dataset.memory_format(dist.device))
-    optimizer = optim.build_optimizer(config.optim, model.parameters(), lr, dist.device)
+    optimizer = optim.build_optimizer(config.optim, optim.param_groups(config.optim, model), lr, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=config.trainer.precision == "fp16")
     return model, optimizer, scaler
 
 
+def token_rates(config: Config, dataset: data.Dataset, model: torch.nn.Module, dist: Dist) -> TokenRates | None:
+    """What train/tokens_per_sec and train/mfu are made of, for a language model."""
+    if dataset.task != "language_model":
+        return None
+    peak = peak_flops(dist.device, config.trainer.peak_tflops)
+    if peak is None and dist.device.type == "cuda":
+        log.info("no train/mfu: the peak FLOP/s of %s is unknown; set trainer.peak_tflops",
+                 torch.cuda.get_device_name(dist.device))
+    flops = model.flops_per_token() if isinstance(model, GPT) else None  # another model's are not known
+    return TokenRates(dataset.input_shape[0], flops, peak and peak * dist.world_size)
+
+
 def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedule: optim.Schedule,
           train_step: TrainStep, validation, save: resume.Saver, logger, metrics: dict, progress: dict,
-          stop: StopSignal) -> int:
+          stop: StopSignal, rates: TokenRates | None) -> int:
     """Steps from ``progress["step"]`` to the plan's end; ``metrics`` holds the newest values.
     Returns the number of skipped steps."""
     tc = config.trainer
@@ -213,7 +236,7 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
                 raise Diverged(nonfinite_message(step, result.loss, result.grad_norm, consecutive, tc, save.last_path),
                                step, save.last_path)
             if logged:
-                _log_step(logger, metrics, step, result, lr, skipped, throughput, plan.batches)
+                _log_step(logger, metrics, step, result, lr, skipped, throughput, plan.batches, rates)
             else:
                 logger.progress(step + 1)
             step += 1
@@ -228,7 +251,7 @@ def _loop(config: Config, plan: Plan, dataset: data.Dataset, dist: Dist, schedul
 
 
 def _log_step(logger, metrics: dict, step: int, result: StepResult, lr: float, skipped: int,
-              throughput: Throughput, batches: data.BatchSchedule) -> None:
+              throughput: Throughput, batches: data.BatchSchedule, rates: TokenRates | None) -> None:
     samples = batches.samples_before(step + 1)
     metrics.update({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                     "train/skipped_steps": skipped, "train/samples": samples,
@@ -236,6 +259,8 @@ def _log_step(logger, metrics: dict, step: int, result: StepResult, lr: float, s
     rate = throughput.samples_per_sec(step, samples)
     if rate is not None:
         metrics["train/samples_per_sec"] = rate
+        if rates is not None:
+            metrics.update(rates.of(rate))
     logger.scalars(step, {**_group(metrics, "train/"), **result.diagnostics})
     logger.progress(step + 1, loss=result.loss, lr=lr)
 

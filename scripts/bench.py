@@ -76,12 +76,16 @@ from distsgd.train import train  # noqa: E402
 # 0.66M parameters, 128 samples of 256 features per rank and step, 51 steps per epoch.
 # resnet20: ResNet-20 on random data of CIFAR-10's shape (3x32x32, 10 classes), written to a
 # temporary npz ({cifar_shaped}) so both contenders read the same tensors; a step is ~0.3 s on
-# this CPU, so run it with --steps 30 --rounds 4.
+# this CPU, so run it with --steps 30 --rounds 4. gpt: experiment=gpt_char's model (4 layers, 128
+# wide, 0.8M parameters) and batch (32 windows of 128 bytes) on data=text's embedded corpus, AdamW
+# with decay on the matrices; a step is ~0.2 s here on 2 processes: --steps 30 --rounds 6.
 JOBS: dict[str, list[str]] = {
     "mlp": ["data.dim=256", "data.num_samples=16384", "data.global_batch_size=256",
             "model.width=512", "model.depth=3"],
     "resnet20": ["data=npz", "data.path={cifar_shaped}", "data.val_fraction=0", "data.global_batch_size=128",
                  "model=resnet", "model.depth=20", "optim=momentum"],
+    "gpt": ["data=text", "data.block_size=128", "data.global_batch_size=32", "model=gpt", "model.n_layer=4",
+            "model.n_head=4", "model.n_embd=128", "optim=adamw", "optim.weight_decay=0.1"],
 }
 CIFAR_SHAPED_SAMPLES = 4096
 WINDOW = 10  # steps per turn, = trainer.log_every
@@ -96,7 +100,7 @@ def minimal_loop(config: Config, dataset: data.Dataset, dist: distributed.Dist, 
     net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     global_batch = config.data.global_batch_size
     lr = optim.scaled_lr(config.optim, global_batch)  # constant: the bench's schedule
-    optimizer = optim.build_optimizer(config.optim, model.parameters(), lr, dist.device)
+    optimizer = optim.build_optimizer(config.optim, optim.param_groups(config.optim, model), lr, dist.device)
     loss_fn = models.loss_fn(dataset.task)
     batch = global_batch // dist.world_size
     steps_per_epoch = len(dataset.x_train) // global_batch
@@ -287,6 +291,9 @@ def bench(config: Config, dataset: data.Dataset, dist: distributed.Dist, args: a
         f"(medians of {len(times['distsgd'])} turns each)")
     per_s = lambda ms: config.data.global_batch_size / (ms / 1e3)  # noqa: E731
     out(f"\nsamples/s (global): distsgd {per_s(d):,.0f}, {args.baseline} {per_s(m):,.0f}")
+    if dataset.task == "language_model":
+        tokens = dataset.input_shape[0]
+        out(f"tokens/s (global): distsgd {tokens * per_s(d):,.0f}, {args.baseline} {tokens * per_s(m):,.0f}")
     q1, _, q3 = statistics.quantiles(pairs, n=4)
     low, high = median_interval(ratios)
     out(f"distsgd/{args.baseline}: {statistics.median(pairs):.3f} median of {len(pairs)} paired turns' ratios "

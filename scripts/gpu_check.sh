@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one command: the CUDA tests (pytest -m cuda) and the GPU benchmarks of
 # docs/benchmarks.md (the MLP step-time ratio on one GPU; ResNet-20 bf16 samples/s without and
-# with trainer.compile), ending with a Markdown summary to paste into docs/benchmarks.md.
+# with trainer.compile; experiment=gpt_small for 300 steps, bf16 and compiled, its tokens/s and
+# MFU), ending with a Markdown summary to paste into docs/benchmarks.md.
 #
 #   scripts/gpu_check.sh --prepare        # where PyPI is reachable: wheels into .whl/ (see below)
 #   scripts/gpu_check.sh [PYTEST ARGS]    # on the GPU machine, offline: install, tests, benchmarks
@@ -15,8 +16,8 @@
 # .whl/ (GPU_CHECK_WHEELS=DIR for another folder), into a temporary folder put on PYTHONPATH.
 # Through a device tool that copies only tracked files, carry .whl/ along (it is git-ignored).
 #
-# Time: each step has a limit (LIMITS below), about 7.5 minutes in all, so that the whole check
-# fits 8 minutes of a lent GPU; a step that runs out is reported as timed out, and the summary is
+# Time: each step has a limit (LIMITS below), about 10 minutes in all, so that the whole check
+# fits the 15 minutes of a lent GPU with its start-up; a step that runs out is reported as timed out, and the summary is
 # printed whatever failed (also on SIGTERM). BENCH_ROUNDS (default 6) sets the benchmarks' rounds.
 # GPU_CHECK_LOGS=DIR keeps the logs there (default: a new temporary folder).
 # Exit status: 0 when everything passed, 1 when a test or benchmark failed or timed out, 2 without
@@ -30,7 +31,7 @@ wheels="${GPU_CHECK_WHEELS:-$repo/.whl}"
 # is only an sdist on PyPI: --prepare builds its wheel, which is pure Python like the others.
 PINS=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3)
 # Seconds per step: install, pytest, and the three benchmarks in the order of `benches` below.
-declare -A LIMITS=([install]=60 [pytest]=170 [mlp]=50 [resnet20_bf16]=70 [resnet20_bf16_compile]=140)
+declare -A LIMITS=([install]=60 [pytest]=170 [mlp]=50 [resnet20_bf16]=70 [resnet20_bf16_compile]=140 [gpt_small]=150)
 
 prepare() {
     # --python-version: the wheels are for the GPU machine's Python 3.12, whatever runs this.
@@ -104,7 +105,7 @@ result() {  # result NAME PATTERN SED-EXPRESSION: the line bench.py ends with, o
 
 summary() {
     trap - EXIT
-    local tests ratio mlp_rate plain compiled gpu versions driver commit distsgd_rate
+    local tests ratio mlp_rate plain compiled gpt gpu versions driver commit distsgd_rate
     tests="$(grep -E '^=+ .*(passed|failed|skipped|error).* in [0-9.]+s' "$logs/pytest.log" 2>/dev/null | tail -n 1 |
              sed -E 's/^=+ //; s/ =+$//')"
     ratio="$(result mlp '^distsgd/minimal: ' 's/^distsgd\/minimal: //')"
@@ -112,6 +113,7 @@ summary() {
     distsgd_rate='s/^samples\/s \(global\): distsgd ([0-9,]*[0-9]).*/\1/'
     plain="$(result resnet20_bf16 '^samples/s \(global\)' "$distsgd_rate")"
     compiled="$(result resnet20_bf16_compile '^samples/s \(global\)' "$distsgd_rate")"
+    gpt="$(result gpt_small 'done: 300 steps' 's/.*train\/mfu ([^,]*),.*train\/tokens_per_sec ([^,]*),.*/\2 tokens\/s, MFU \1/')"
     gpu="$("$py" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB)")' 2>/dev/null)"
     versions="$("$py" -c 'import platform, torch; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), Python {platform.python_version()}")')"
     driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
@@ -134,6 +136,7 @@ Produced by \`scripts/gpu_check.sh\` ($rounds rounds per benchmark).
 | MLP, 1 GPU: samples/s (global) | $mlp_rate |
 | ResNet-20, bf16, 1 GPU: distsgd samples/s | $plain |
 | ResNet-20, bf16, \`trainer.compile=true\`, 1 GPU: distsgd samples/s | $compiled |
+| \`experiment=gpt_small\` (byte-level, 85M), 16 x 1024 tokens per step, bf16, compiled, 1 GPU: steps 250-299 | $gpt |
 
 The ResNet-20 rows give distsgd's rate only: the minimal loop of scripts/bench.py runs in fp32 and
 eager, so its ratio there does not compare like with like. Logs: \`$logs\`.
@@ -155,3 +158,8 @@ for bench in "${benches[@]}"; do
     read -r -a args <<< "${bench#*|}"
     step "${bench%%|*}" "$py" scripts/bench.py "${args[@]}" --rounds "$rounds"
 done
+# GPT-2 small's shape on data=text's embedded corpus; the rates of the last 50 steps (train/* of
+# step 299, past the compilation), in the run's closing line. Validation only at the ends.
+step gpt_small "$py" -m distsgd.train experiment=gpt_small trainer.device=cuda trainer.max_steps=300 \
+    data.global_batch_size=16 trainer.accumulate=1 schedule.warmup_steps=30 trainer.log_every=50 \
+    trainer.val_every=1000 trainer.checkpoint_every=0 "hydra.run.dir=$logs/gpt_small_run"

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.experimental.callback import Callback
 
-from distsgd import metrics
+from distsgd import data, metrics
 from distsgd.distributed import Dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +151,32 @@ def gloo_rank(rank: int, work, root: Path, args: tuple) -> None:
     # Everything under test is done and written. Interpreter shutdown of a spawned child holding
     # gloo's and DDP's threads aborted now and then, which is no part of what any test checks.
     os._exit(0)
+
+
+def token_windows(num_windows: int = 64, block_size: int = 16, vocab_size: int = 32, val_windows: int = 16,
+                  seed: int = 0) -> data.Dataset:
+    """A tiny language-model dataset standing in for data=text and data=markov: one token stream,
+    mostly a fixed function of the token before (so a model can learn it), cut into consecutive
+    windows of block_size + 1 tokens, the last val_windows for validation."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = torch.empty(num_windows * block_size + 1, dtype=torch.long)
+    stream[0] = 0
+    noise = torch.randint(vocab_size, stream.shape, generator=gen)
+    keep = torch.rand(stream.shape, generator=gen) < 0.8
+    for i in range(1, len(stream)):
+        stream[i] = (5 * stream[i - 1] + 3) % vocab_size if keep[i] else noise[i]
+    x, y = stream[:-1].view(num_windows, block_size), stream[1:].view(num_windows, block_size)
+    train = slice(0, num_windows - val_windows)
+    val = slice(num_windows - val_windows, num_windows)
+    return data.Dataset(x[train], y[train], x[val], y[val], "language_model", vocab_size)
+
+
+def train_alone(config, dataset: data.Dataset, run_dir: Path) -> dict[str, float]:
+    """train.train on ``dataset`` in this process, as train.run would on a config's data."""
+    from distsgd import distributed, train
+
+    dist = distributed.init(config.trainer.device)
+    try:
+        return train.train(config, dataset.place(dist.device, True, 0), dist, run_dir)
+    finally:
+        distributed.shutdown()

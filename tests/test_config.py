@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, make_config
+from conftest import CONF, make_config, token_windows
 
 from distsgd import batchnorm, data, distributed, models, optim
 from distsgd.config import (MODEL_KEYS, MODELS, OPTIM_KEYS, OPTIMIZERS, ConfigError, ModelConfig, OptimConfig, swept_keys,
@@ -20,6 +20,7 @@ OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 NEEDS_FILES = {"npz", "arrays", "mnist", "cifar10"}  # read from files made in test_data.py, test_arrays.py
 FILES = ["data.path=x.npz", "data.root=.", "data.x=x.npy", "data.y=y.npy"]
 DATA_FOR_MODEL = {"linear": "synthetic_regression", "cnn": "digits", "resnet": "digits"}
+MODEL_FOR_DATA = {"text": "gpt", "markov": "gpt"}  # language data: the default model (mlp) refuses it
 
 
 def test_the_groups_hold_the_documented_options():
@@ -37,13 +38,17 @@ def test_every_option_composes_and_builds(group, option):
         assert to_config(make_config(f"data={option}", *FILES)).data.name == option
         return
     extra = [f"data={DATA_FOR_MODEL[option]}"] if group == "model" and option in DATA_FOR_MODEL else []
+    extra += [f"model={MODEL_FOR_DATA[option]}"] if group == "data" and option in MODEL_FOR_DATA else []
     config = to_config(make_config(f"{group}={option}", *extra))
-    dataset = data.load(config.data)
+    # model=gpt needs a language-model dataset; the default data is synthetic classification.
+    dataset = token_windows() if (group, option) == ("model", "gpt") else data.load(config.data)
     model = models.build(config.model, dataset.input_shape, dataset.num_outputs, dataset.task)
     lr = optim.scaled_lr(config.optim, config.data.global_batch_size)
     optimizer = optim.build_optimizer(config.optim, model.parameters(), lr)
     ten_steps_per_epoch = data.BatchSchedule(10 * config.data.global_batch_size, config.data.global_batch_size)
-    schedule = optim.build_schedule(config.schedule, [lr], total_steps=100, batches=ten_steps_per_epoch)
+    # At least 100 steps, and as many as the option's run (experiment=gpt_small warms up for 2000).
+    total_steps = max(100, config.trainer.max_steps or 0)
+    schedule = optim.build_schedule(config.schedule, [lr], total_steps=total_steps, batches=ten_steps_per_epoch)
     assert optimizer.param_groups[0]["lr"] == lr
     warmup = config.schedule.warmup_steps * (10 if config.schedule.unit == "epochs" else 1)
     assert schedule(0) == pytest.approx(lr / max(warmup, 1))  # every decay starts at the base rate
@@ -202,15 +207,22 @@ def test_optimizer_keys_table_matches_what_the_optimizer_is_given(name):
             assert key not in optim.build_optimizer(OptimConfig(name=name), params, 0.1).param_groups[0], (name, key)
 
 
-NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh", bias=False, init="zeros")
+NON_DEFAULT_MODEL = dict(depth=32, width=8, activation="tanh", bias=False, init="zeros", n_layer=1, n_head=2,
+                         n_embd=32, dropout=0.1)
+
+
+def _build(cfg: ModelConfig) -> torch.nn.Module:
+    if cfg.name == "gpt":
+        return models.build(cfg, (8,), 3, "language_model")
+    return models.build(cfg, (1, 8, 8), 3, "regression" if cfg.name == "linear" else "classification")
 
 
 def _architecture(cfg: ModelConfig) -> list:
-    task = "regression" if cfg.name == "linear" else "classification"
     torch.manual_seed(0)  # so that the initial values tell model.init apart
-    net = models.build(cfg, (1, 8, 8), 3, task)
+    net = _build(cfg)
+    # extra_repr: a layer's settings too, such as a Dropout's p.
     return [(n, tuple(p.shape), p.abs().sum().item()) for n, p in net.named_parameters()] + \
-        [type(m).__name__ for m in net.modules()]
+        [f"{type(m).__name__}({m.extra_repr()})" for m in net.modules()]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -219,10 +231,10 @@ def test_model_keys_table_matches_what_the_builder_reads(name):
     option = to_config(make_config(f"model={name}")).model
     for key, value in NON_DEFAULT_MODEL.items():
         changed = replace(option)
-        setattr(changed, key, value)  # after __post_init__, which would refuse an ignored key
+        # after __post_init__, which would refuse an ignored key; a flag is flipped from the option's own value
+        setattr(changed, key, not getattr(option, key) if isinstance(value, bool) else value)
         assert (_architecture(changed) != _architecture(option)) == (key in MODEL_KEYS[name]), (name, key)
-    task = "regression" if name == "linear" else "classification"
-    has_batchnorm = batchnorm.has_batchnorm(models.build(option, (1, 8, 8), 3, task))
+    has_batchnorm = batchnorm.has_batchnorm(_build(option))
     assert has_batchnorm == ("sync_bn" in MODEL_KEYS[name])
 
 

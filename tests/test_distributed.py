@@ -1,4 +1,5 @@
-"""Real torchrun runs on 2 processes: one run directory, world-size invariance, both engines."""
+"""Real torchrun runs on 2 processes: one run directory, world-size invariance, both engines (the
+GPT's on 2 spawned gloo ranks, on a dataset that no data config describes yet)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import re
 
 import pytest
 import torch
-from conftest import assert_params_close, final_params, launch, make_config, read_scalars
+from conftest import (assert_params_close, final_params, launch, make_config, on_two_gloo_ranks, read_scalars,
+                      token_windows, train_alone)
 
-from distsgd.train import run
+from distsgd.config import to_config
+from distsgd.train import run, train
 
 BASE = ["data.num_samples=1024", "data.global_batch_size=64", "trainer.max_steps=40", "trainer.log_every=5",
         "trainer.val_every=20"]
@@ -53,6 +56,28 @@ def test_world_size_invariance_adam_warmup_cosine(tmp_path):
     done = launch(tmp_path / "two", *ADAM_WARMUP_COSINE, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_params_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"), rtol=1e-5)
+
+
+# AdamW with decay on the matrices only (two parameter groups), warmup and cosine, clipping and two
+# micro-batches: 12 steps over 4 epochs of the 48 training windows of conftest.token_windows.
+GPT = ["model=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "optim=adamw", "optim.lr=0.01",
+       "optim.weight_decay=0.1", "schedule=cosine", "schedule.warmup_steps=3", "data.global_batch_size=16",
+       "trainer.accumulate=2", "trainer.clip_grad_norm=1.0", "trainer.max_steps=12", "trainer.log_every=1",
+       "trainer.val_every=6", "trainer.device=cpu"]
+
+
+def train_gpt(dist, root, overrides):
+    train(to_config(make_config(*overrides)), token_windows(), dist, root / "two")
+
+
+def test_world_size_invariance_gpt(tmp_path):
+    train_alone(to_config(make_config(*GPT)), token_windows(), tmp_path / "one")
+    on_two_gloo_ranks(train_gpt, tmp_path, GPT)
+    assert_params_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"), rtol=1e-5)
+    one, two = (read_scalars(tmp_path / n) for n in ("one", "two"))
+    assert [v for _, v in two["train/loss"]] == pytest.approx([v for _, v in one["train/loss"]], rel=1e-5)
+    assert one["val/accuracy"] == two["val/accuracy"]  # every validation token counted once, whatever the sharding
+    assert one["train/loss"][-1][1] < 0.8 * one["train/loss"][0][1]
 
 
 def test_manual_allreduce_matches_ddp(momentum_runs, tmp_path):

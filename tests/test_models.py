@@ -150,3 +150,98 @@ def test_cnn_sgd_reduces_loss():
         opt.step()
     # Memorising 32 random samples: the loss falls from ~ln(10) to well under a quarter of it.
     assert loss_fn(net(x), y).item() < first / 4
+
+
+GPT = dict(name="gpt", n_layer=2, n_head=2, n_embd=32, bias=False)
+
+
+def _gpt(block_size: int = 16, vocab_size: int = 50, **model) -> nn.Module:
+    return _build((block_size,), "language_model", vocab_size, **{**GPT, **model})
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpt_shapes_and_parameter_count(bias):
+    torch.manual_seed(0)
+    net = _gpt(bias=bias)
+    assert net(torch.randint(50, (BATCH, 16))).shape == (BATCH, 16, 50)
+    assert net(torch.randint(50, (BATCH, 5))).shape == (BATCH, 5, 50)  # a shorter context
+    d, layers = 32, 2
+    # Per block: qkv 3d^2, projection d^2, MLP 8d^2, two LayerNorm gains (with biases: 9d in the
+    # Linear layers, 2d in the norms); then the token embedding (the head's matrix) and the final norm.
+    per_block = 12 * d * d + 2 * d + (11 * d if bias else 0)
+    expected = layers * per_block + 50 * d + d * (2 if bias else 1)
+    assert net.num_params() == expected
+    assert _num_params(net) == expected + 16 * d  # the position embedding, left out of num_params
+    assert net.flops_per_token() == 6 * expected + 12 * layers * 16 * d
+
+
+def test_gpt2_small_has_gpt2s_parameter_count():
+    # GPT-2 small (12 layers, 12 heads, 768 wide, with biases, 50257 tokens, context 1024) has the
+    # 124,439,808 parameters of the published checkpoint; nanoGPT's count without the position
+    # embedding is 123.65M. On the meta device: no memory, no initialisation.
+    with torch.device("meta"):
+        net = _gpt(1024, 50257, n_layer=12, n_head=12, n_embd=768, bias=True)
+    assert _num_params(net) == 124_439_808
+    assert net.num_params() == 124_439_808 - 1024 * 768
+
+
+def test_gpt_is_causal_and_its_head_is_the_token_embedding():
+    torch.manual_seed(0)
+    net = _gpt().eval()
+    x = torch.randint(50, (BATCH, 16))
+    changed = x.clone()
+    changed[:, 9:] = (x[:, 9:] + 1) % 50
+    out, out_changed = net(x), net(changed)
+    torch.testing.assert_close(out[:, :9], out_changed[:, :9])  # positions before 9 see nothing after
+    assert not torch.allclose(out[:, 9:], out_changed[:, 9:])
+    torch.testing.assert_close(out, net.hidden(x) @ net.token.weight.T)
+    assert not any("head" in name for name, _ in net.named_parameters())
+
+
+def test_gpt_initialisation_is_gpt2s():
+    torch.manual_seed(0)
+    net = _gpt(n_layer=8, n_embd=64, bias=True)
+    block = net.blocks[3]
+    for weight in (net.token.weight, net.position.weight, block.attention.qkv.weight, block.mlp[0].weight):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for weight in block.residual_projections():  # scaled by 1/sqrt(2 n_layer) = 1/4
+        assert weight.std().item() == pytest.approx(0.005, rel=0.05)
+    assert not block.attention.qkv.bias.any() and (block.attention_norm.weight == 1).all()
+
+
+@pytest.mark.parametrize("model, task, message", [
+    (dict(GPT, n_embd=30, n_head=4), "language_model", "model.n_embd must be a positive multiple of model.n_head=4"),
+    (dict(GPT, dropout=1.0), "language_model", r"model.dropout must be in \[0, 1\)"),
+    (GPT, "classification", "model=gpt is for language modelling but the data is classification"),
+    (dict(name="mlp"), "language_model", "model=mlp does not model language .*; use model=gpt"),
+    (dict(name="mlp", n_layer=3), "classification", "model.n_layer must be left at 4 with model=mlp"),
+])
+def test_gpt_config_errors_name_the_key(model, task, message):
+    with pytest.raises(ConfigError, match=message):
+        _build((16,), task, 50, **model)
+
+
+def test_language_model_loss_is_the_mean_over_every_token():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(BATCH, 5, 7), torch.randint(7, (BATCH, 5))
+    by_hand = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T) nats
+    loss_fn = models.loss_fn("language_model")
+    torch.testing.assert_close(loss_fn(logits, targets), by_hand.mean())
+    # reduction="none", as validate.py reads it: one loss per token, reshapeable to (N, T).
+    torch.testing.assert_close(loss_fn(logits, targets, reduction="none").reshape(BATCH, -1), by_hand)
+
+
+def test_generate_draws_from_its_generator_only():
+    torch.manual_seed(0)
+    net = _gpt(block_size=8)
+    prompt = torch.randint(50, (1, 4))
+    state = torch.get_rng_state()
+    rows = [net.generate(prompt, 12, [0.0, 1.0, 1.0], torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state) and net.training  # the training RNG and mode untouched
+    assert torch.equal(rows[0], rows[1]) and rows[0].shape == (3, 16)
+    assert torch.equal(rows[0][:, :4], prompt.repeat(3, 1))
+    assert not torch.equal(rows[0][1], rows[0][2])  # two samples at temperature 1
+    greedy = prompt
+    for _ in range(12):  # argmax over the last 8 tokens at most, as the context allows
+        greedy = torch.cat([greedy, net.eval()(greedy[:, -8:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(rows[0][0], greedy[0])

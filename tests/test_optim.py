@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR, St
 
 from distsgd import data
 from distsgd.config import ConfigError, OptimConfig, ScheduleConfig, to_config
-from distsgd.optim import build_optimizer, build_schedule, scaled_lr
+from distsgd.optim import build_optimizer, build_schedule, describe_groups, param_groups, scaled_lr, set_lr
 
 LR, TOTAL, SPE = 0.5, 100, 10  # base rate, run length in steps, steps per epoch
 EPOCHS = data.BatchSchedule(num_train=SPE * 8, global_batch=8)  # a constant batch, SPE steps per epoch
@@ -174,3 +174,51 @@ def test_default_eps_is_each_optimizers_own():
     p = [torch.nn.Parameter(torch.zeros(1))]
     assert build_optimizer(OptimConfig(name="adagrad"), p, 0.1).defaults["eps"] == 1e-10
     assert build_optimizer(OptimConfig(name="adam"), p, 0.1).defaults["eps"] == 1e-8
+
+
+def _decayed_by_one_step(weight_decay_on: str) -> tuple[dict[str, str], torch.optim.Optimizer]:
+    """What one AdamW step with zero gradients did to each parameter: Adam's update is then 0, so
+    only the decay, p -> (1 - lr * weight_decay) p, moves the weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    torch.nn.init.normal_(model[2].weight), torch.nn.init.normal_(model[2].bias), torch.nn.init.normal_(model[1].bias)
+    cfg = OptimConfig(name="adamw", weight_decay=0.1, weight_decay_on=weight_decay_on)
+    opt = build_optimizer(cfg, param_groups(cfg, model), lr=0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return {name: "unchanged" if torch.equal(p, before[name]) else
+            "decayed" if torch.allclose(p, (1 - 0.5 * 0.1) * before[name], rtol=1e-6, atol=0) else "moved"
+            for name, p in model.named_parameters()}, opt
+
+
+def test_weight_decay_on_matrices_leaves_biases_and_norms_alone():
+    effect, opt = _decayed_by_one_step("matrices")
+    assert effect == {"0.weight": "decayed", "1.weight": "decayed", "1.bias": "unchanged", "2.weight": "unchanged",
+                       "2.bias": "unchanged"}
+    assert describe_groups(opt) == ("parameter groups: 2 tensors (32 parameters) with weight decay 0.1; "
+                                    "3 tensors (9 parameters) with weight decay 0")
+    set_lr(opt, 0.25)  # the schedule's rate reaches every group
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+    # The two groups round-trip through a checkpoint's state_dict into a freshly built optimizer.
+    state = opt.state_dict()
+    assert [len(g["params"]) for g in state["param_groups"]] == [2, 3]
+    _, fresh = _decayed_by_one_step("matrices")
+    fresh.load_state_dict(state)
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.1, 0.0]
+
+
+def test_weight_decay_on_all_is_one_group():
+    effect, opt = _decayed_by_one_step("all")
+    assert set(effect.values()) == {"decayed"}, effect
+    assert describe_groups(opt) == "parameter groups: 5 tensors (41 parameters) with weight decay 0.1"
+
+
+def test_gpt_defaults_to_decay_on_matrices_the_others_to_all():
+    assert to_config(make_config("model=gpt")).optim.weight_decay_on == "matrices"
+    assert to_config(make_config("model=gpt", "optim=adamw")).optim.weight_decay_on == "matrices"
+    assert to_config(make_config("model=mlp", "optim=adamw")).optim.weight_decay_on == "all"
+    assert to_config(make_config("model=gpt", "optim.weight_decay_on=all")).optim.weight_decay_on == "all"
+    with pytest.raises(ConfigError, match="optim.weight_decay_on must be one of all|matrices"):
+        OptimConfig(weight_decay_on="none")

@@ -233,6 +233,13 @@ def test_the_override_may_change_the_optimizer_but_not_the_model(tmp_path, caplo
     assert resumed_steps(caplog) == [5]
     assert any("optim.name changed from sgd to adam" in r.getMessage() for r in caplog.records)
     assert last_state(run_dir)["step"] == 10
+    # One parameter group (decay on all) into two (decay on the matrices): their state starts afresh too.
+    run_dir = interrupted_after(saved, 5, tmp_path / "groups")
+    run(make_config(*MOMENTUM, "trainer.max_steps=10", "optim.weight_decay_on=matrices",
+                    "trainer.resume_override=true"), run_dir)
+    assert any("optim.weight_decay_on changed from all to matrices: the optimizer state starts afresh"
+               in r.getMessage() for r in caplog.records)
+    assert len(last_state(run_dir)["optimizer"]["param_groups"]) == 2
     # Parameters of another shape cannot be resumed at all: one clear error, nothing touched.
     run_dir = interrupted_after(saved, 5, tmp_path / "wider")
     before = hashes(run_dir / "checkpoints")
