@@ -71,7 +71,8 @@ DATA = {
     # conftest.token_windows: 64 windows of 16 tokens, the last 16 for validation, as above.
     "gpt": ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.dropout=0.1"],
 }
-# The datasets that no data config describes (yet: lmdata's data=markov will), by model.
+# The data of the GPT cases: COMMON's data keys are the vector sets' (data.num_samples), which
+# data=markov and data=text refuse as keys they ignore.
 GIVEN_DATA = {"gpt": token_windows}
 IMAGE_SHAPE = (1, 8, 8)
 

@@ -131,3 +131,18 @@ def test_on_cuda_a_compiled_bf16_gpt_with_fused_adamw_trains_and_logs_its_mfu(tm
         assert curve[-1] < 0.6 * curve[0], name
         assert 0 < runs[name]["train/mfu"] < 1, name
     assert runs["compiled"]["val/loss"] == pytest.approx(runs["eager"]["val/loss"], rel=0.05)
+
+
+def test_a_small_gpt_approaches_the_markov_chains_loss_floor(tmp_path):
+    # A bigram chain over 8 tokens: its floor is the entropy rate, 1.392 nats per token. 102
+    # validation windows of 32 tokens put about +-0.02 nats of sampling noise around it, so the
+    # tolerance is 0.05; at the start the loss is ln 8 = 2.08, 0.7 above it.
+    train.run(make_config("model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data=markov",
+                          "data.vocab_size=8", "data.order=1", "data.num_tokens=32768", "data.block_size=32",
+                          "data.global_batch_size=32", "optim=adamw", "optim.lr=0.01", "trainer.max_steps=300",
+                          "trainer.val_every=100", "trainer.log_every=100"), tmp_path)
+    curves = read_scalars(tmp_path)
+    floor = curves["val/loss_floor"][-1][1]
+    assert floor == pytest.approx(1.3918, abs=1e-4)
+    assert curves["val/loss"][0][1] > floor + 0.5
+    assert abs(curves["val/loss"][-1][1] - floor) < 0.05
