@@ -59,6 +59,8 @@ BATCH = "data.global_batch_size"
 LR_FIND_COLUMNS = ("lr", "loss", "smoothed_loss")
 # Beyond this many lines a figure names none: a legend that long crowds out the plot.
 LEGEND_RUNS = 16
+# A legend entry longer than this squeezes the axes to nothing (matplotlib's constrained layout).
+LABEL_CHARS = 60
 
 
 @dataclass
@@ -151,8 +153,10 @@ def _order(value: object) -> tuple:
 
 
 def label(run: Run, keys: Sequence[str]) -> str:
-    shown = [f"{key}={run.config[key]}" for key in keys if key in run.config]
-    return ", ".join(shown) if shown else run.name
+    """A legend's name for the run: its values of ``keys``, or its folder's name where those would
+    run longer than LABEL_CHARS (runs that differ in many keys; report.md's table gives them all)."""
+    shown = ", ".join(f"{key}={run.config[key]}" for key in keys if key in run.config)
+    return shown if shown and len(shown) <= LABEL_CHARS else run.name
 
 
 def metric_tags(runs: Sequence[Run]) -> list[str]:

@@ -28,7 +28,7 @@ from distsgd import lr_find
 from distsgd import report as report_module
 from distsgd.config import varied_keys
 from distsgd.metrics import hparams_entry
-from distsgd.report import Run, SampleAxes, find_runs, log_scale, main, plot_curves, plot_seeds, plot_sweep
+from distsgd.report import Run, SampleAxes, find_runs, label, log_scale, main, plot_curves, plot_seeds, plot_sweep
 from distsgd.train import run
 
 COMMON = ["data.num_samples=256", "model.width=8", "trainer.max_steps=8", "trainer.log_every=2",
@@ -342,3 +342,12 @@ def test_a_diverged_json_that_distsgd_did_not_write_is_one_line(tmp_path, capsys
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"distsgd-report: error: {tmp_path / 'run' / 'diverged.json'}: not what "
                                        'distsgd writes when a run diverges ({"step": <int>, ...})\n')
+
+
+def test_a_legend_names_a_run_by_its_values_or_by_its_folder_when_they_run_long(tmp_path):
+    run = Run("lr-0.1", tmp_path, {}, {"optim": {"lr": 0.1, "name": "sgd"}, "data": {"name": "text"}})
+    assert label(run, ["optim.lr", "optim.name"]) == "optim.lr=0.1, optim.name=sgd"
+    assert label(run, []) == "lr-0.1"
+    # Two runs that differ in a dozen keys: such a label squeezed the curves' axes to nothing.
+    many = Run("gpt_char", tmp_path, {}, {"optim": {f"key{i}": 1000 + i for i in range(12)}})
+    assert label(many, [f"optim.key{i}" for i in range(12)]) == "gpt_char"
