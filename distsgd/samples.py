@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from distsgd.data import Dataset
-from distsgd.gpt import GPT
 
 PROMPT_TOKENS = 32  # at most; half the block for shorter blocks
 NEW_TOKENS = 128
@@ -39,7 +38,8 @@ class Samples:
         self.prompt = windows[torch.tensor([0])][:, :length].to(device)
         self.seed, self.device, self.decode = seed, device, decoder(dataset)
 
-    def __call__(self, model: GPT, step: int) -> str:
+    def __call__(self, model: torch.nn.Module, step: int) -> str:
+        """``model``: one with gpt.GPT's ``generate``."""
         seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0])
         generator = torch.Generator(self.device).manual_seed(seed)
         rows = model.generate(self.prompt, NEW_TOKENS, list(TEMPERATURES), generator)[:, self.prompt.shape[1]:]

@@ -34,7 +34,6 @@ from omegaconf import DictConfig
 from distsgd import batchnorm, checkpoint, data, distributed, models, optim, resume
 from distsgd.config import CONF_DIR, Config, to_config, varied_keys
 from distsgd.distributed import Dist
-from distsgd.gpt import GPT
 from distsgd.metrics import BestValues, NullLogger, TensorBoardLogger, Throughput, TokenRates, flatten, peak_flops
 from distsgd.samples import Samples
 from distsgd.step import StepResult, TrainStep, autocast
@@ -132,22 +131,10 @@ def train(config: Config, dataset: data.Dataset, dist: Dist, run_dir: Path,
         log.info("%s", train_step.comm.describe())
     running_stats = RunningStats(model, dist.world_size, synced_at=progress["step"] if resume_from else None,
                                  averaged=train_step.comm.averaged)
-    val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
-    val_autocast = autocast(dist.device, tc.precision)
     best = BestValues(progress.get("best"))
     logger = (TensorBoardLogger(run_dir / "tensorboard", plan.total_steps, progress["step"])
               if dist.is_main else NullLogger())
-    samples = Samples(dataset, tc.seed, dist.device) if isinstance(model, GPT) and dist.is_main else None
-
-    def validation(step: int) -> dict[str, float]:
-        with running_stats.synced(step):
-            values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
-            if samples is not None:
-                logger.text(step, "samples", samples(model, step))
-        if values and dataset.loss_floor is not None:  # constant: val/loss minus it is the excess loss
-            values["val/loss_floor"] = dataset.loss_floor
-        return {**values, **best.update(values)}  # val/best_* beside val/*
-
+    validation = _validation(model, dataset, dist, tc, loss_fn, running_stats, best, logger)
     save = resume.Saver(run_dir / "checkpoints", config, schedule, model, optimizer, scaler, dist, running_stats,
                         train_step, best)
     metrics: dict[str, float] = {}
@@ -199,6 +186,26 @@ def build(config: Config, dataset: data.Dataset, dist: Dist,
     return model, optimizer, scaler
 
 
+def _validation(model: torch.nn.Module, dataset: data.Dataset, dist: Dist, tc, loss_fn, running_stats: RunningStats,
+                best: BestValues, logger):
+    """``validation(step)``: the validation metrics after ``step`` updates (every rank calls it),
+    the best values so far beside them, and (rank 0) the samples of a model that generates."""
+    val_idx = data.val_indices(len(dataset.x_val), dist.rank, dist.world_size, dist.device)
+    val_autocast = autocast(dist.device, tc.precision)
+    samples = Samples(dataset, tc.seed, dist.device) if hasattr(model, "generate") and dist.is_main else None
+
+    def validation(step: int) -> dict[str, float]:
+        with running_stats.synced(step):
+            values = validate(model, dataset, val_idx, loss_fn, val_autocast) if len(dataset.x_val) else {}
+            if samples is not None:
+                logger.text(step, "samples", samples(model, step))
+        if values and dataset.loss_floor is not None:  # constant: val/loss minus it is the excess loss
+            values["val/loss_floor"] = dataset.loss_floor
+        return {**values, **best.update(values)}  # val/best_* beside val/*
+
+    return validation
+
+
 def token_rates(config: Config, dataset: data.Dataset, model: torch.nn.Module, dist: Dist) -> TokenRates | None:
     """What train/tokens_per_sec and train/mfu are made of, for a language model."""
     if dataset.task != "language_model":
@@ -207,7 +214,8 @@ def token_rates(config: Config, dataset: data.Dataset, model: torch.nn.Module, d
     if peak is None and dist.device.type == "cuda":
         log.info("no train/mfu: the peak FLOP/s of %s is unknown; set trainer.peak_tflops",
                  torch.cuda.get_device_name(dist.device))
-    flops = model.flops_per_token() if isinstance(model, GPT) else None  # another model's are not known
+    # Models that know their FLOPs say so (gpt.GPT); another's are not known, nor its MFU.
+    flops = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     return TokenRates(dataset.input_shape[0], flops, peak and peak * dist.world_size)
 
 
